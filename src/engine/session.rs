@@ -1,0 +1,197 @@
+//! Sessions and the in-memory view of one user's sessions that the engine works on.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::time::Millis;
+
+/// One active session of a user in a journey.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub journey_id: String,
+    pub user_id: String,
+    /// The session identifier's value in `multiple` mode; `None` in `single` mode.
+    pub key: Option<String>,
+    pub session_id: String,
+    pub source_user_id: String,
+    /// The step the session is at.
+    pub step: String,
+    pub entered_at: Millis,
+    /// The entry event's attributes, overwritten by attributes of matched wait events.
+    pub context: Map<String, Value>,
+    /// Goals already converted.
+    #[serde(default)]
+    pub converted: Vec<String>,
+    /// When the step's timer (wait timeout or delay) is due.
+    #[serde(default)]
+    pub timer: Option<Millis>,
+}
+
+/// What identifies a session in the store: (journey, session key) under a user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionRef {
+    pub journey_id: String,
+    pub key: Option<String>,
+}
+
+impl Session {
+    pub fn reference(&self) -> SessionRef {
+        SessionRef {
+            journey_id: self.journey_id.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Clean,
+    Dirty,
+    New,
+    Removed,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    session: Session,
+    /// The timer stored for this session before the input, to be replaced.
+    stored_timer: Option<Millis>,
+    /// Whether the session exists in the store.
+    stored: bool,
+    state: SlotState,
+}
+
+/// A store change the caller must write for the input just processed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Write the session; `old_timer` is the timer index entry to drop (if any and if it differs
+    /// from the session's new timer).
+    Put {
+        session: Session,
+        old_timer: Option<Millis>,
+    },
+    /// Delete the session and its timer index entry.
+    Delete {
+        session: Session,
+        old_timer: Option<Millis>,
+    },
+}
+
+/// One user's sessions in one application, as loaded from the store, with change tracking.
+///
+/// Sessions keep the order they were loaded in (the caller sorts them by journey id, then entry
+/// time, then key); new sessions are appended. Indexes stay valid: a removed session keeps its
+/// slot until [`UserSessions::changes`].
+#[derive(Debug, Clone, Default)]
+pub struct UserSessions {
+    slots: Vec<Slot>,
+}
+
+impl UserSessions {
+    pub fn new(mut sessions: Vec<Session>) -> UserSessions {
+        sessions.sort_by(|a, b| {
+            (&a.journey_id, a.entered_at, &a.key).cmp(&(&b.journey_id, b.entered_at, &b.key))
+        });
+        UserSessions {
+            slots: sessions
+                .into_iter()
+                .map(|s| Slot {
+                    stored_timer: s.timer,
+                    stored: true,
+                    session: s,
+                    state: SlotState::Clean,
+                })
+                .collect(),
+        }
+    }
+
+    /// Number of slots, removed ones included.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn is_active(&self, ix: usize) -> bool {
+        self.slots[ix].state != SlotState::Removed
+    }
+
+    pub fn session(&self, ix: usize) -> &Session {
+        &self.slots[ix].session
+    }
+
+    pub fn session_mut(&mut self, ix: usize) -> &mut Session {
+        let slot = &mut self.slots[ix];
+        if slot.state == SlotState::Clean {
+            slot.state = SlotState::Dirty;
+        }
+        &mut slot.session
+    }
+
+    pub fn insert(&mut self, session: Session) -> usize {
+        self.slots.push(Slot {
+            session,
+            stored_timer: None,
+            stored: false,
+            state: SlotState::New,
+        });
+        self.slots.len() - 1
+    }
+
+    pub fn remove(&mut self, ix: usize) {
+        let slot = &mut self.slots[ix];
+        slot.state = SlotState::Removed;
+        slot.session.timer = None;
+    }
+
+    /// Active sessions, in order.
+    pub fn active(&self) -> impl Iterator<Item = &Session> {
+        self.slots
+            .iter()
+            .filter(|s| s.state != SlotState::Removed)
+            .map(|s| &s.session)
+    }
+
+    /// Index of the active session of `journey` with `key`.
+    pub fn find(&self, journey: &str, key: Option<&str>) -> Option<usize> {
+        self.slots.iter().position(|s| {
+            s.state != SlotState::Removed
+                && s.session.journey_id == journey
+                && s.session.key.as_deref() == key
+        })
+    }
+
+    /// The store changes since loading (or since the last call), and marks everything clean.
+    pub fn changes(&mut self) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut kept = Vec::with_capacity(self.slots.len());
+        for mut slot in self.slots.drain(..) {
+            match slot.state {
+                SlotState::Clean => kept.push(slot),
+                SlotState::Dirty | SlotState::New => {
+                    let old_timer = slot.stored_timer;
+                    out.push(Change::Put {
+                        session: slot.session.clone(),
+                        old_timer,
+                    });
+                    slot.stored_timer = slot.session.timer;
+                    slot.stored = true;
+                    slot.state = SlotState::Clean;
+                    kept.push(slot);
+                }
+                SlotState::Removed => {
+                    if slot.stored {
+                        out.push(Change::Delete {
+                            session: slot.session,
+                            old_timer: slot.stored_timer,
+                        });
+                    }
+                }
+            }
+        }
+        self.slots = kept;
+        out
+    }
+}

@@ -1,0 +1,340 @@
+//! Journey definitions (contract section 2): the compiled form the engine runs, loading a
+//! directory of JSON files, and validation that reports every problem with file, JSON path and
+//! reason.
+
+pub mod condition;
+mod validate;
+pub mod window;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+pub use condition::{Condition, Conditions, Op, Scalar};
+pub use validate::compile_journey;
+pub use window::Window;
+
+use crate::time::Millis;
+
+/// One problem in a journey definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// JSON path into the file, such as `$.steps[2].next`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.path, self.message)
+    }
+}
+
+/// Problems collected while checking one file.
+#[derive(Debug, Default)]
+pub struct Problems {
+    file: String,
+    pub list: Vec<Problem>,
+}
+
+impl Problems {
+    pub fn new(file: impl Into<String>) -> Problems {
+        Problems {
+            file: file.into(),
+            list: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, path: impl AsRef<str>, message: impl Into<String>) {
+        self.list.push(Problem {
+            file: self.file.clone(),
+            path: path.as_ref().to_string(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Reports every key of `obj` that is not in `known`.
+    pub fn unknown_keys(&mut self, obj: &Map<String, Value>, path: &str, known: &[&str]) {
+        for k in obj.keys() {
+            if !known.contains(&k.as_str()) {
+                self.add(
+                    format!("{path}.{k}"),
+                    format!("unknown field {k:?}; expected one of {}", known.join(", ")),
+                );
+            }
+        }
+    }
+}
+
+/// Every problem found in a set of definitions.
+#[derive(Debug, thiserror::Error)]
+pub struct InvalidJourneys(pub Vec<Problem>);
+
+impl fmt::Display for InvalidJourneys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} problem(s) in journey definitions:", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Journey status: `active` (default), `paused` (no new entries; sessions go on), `archived`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    Paused,
+    Archived,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Paused => "paused",
+            Status::Archived => "archived",
+        }
+    }
+}
+
+/// Who enters when the trigger matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    /// The user who performed the event.
+    EventUser,
+    /// The users named in this attribute of the event.
+    Attribute(String),
+}
+
+/// How many sessions a user may have at once in a journey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionMode {
+    Single,
+    /// One session per distinct value of this attribute of the trigger event.
+    Multiple {
+        identifier: String,
+    },
+}
+
+/// The trigger-based entry element.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub event: String,
+    pub conditions: Conditions,
+    pub who: Who,
+    /// `None`: any time.
+    pub window: Option<Window>,
+    pub sessions: SessionMode,
+}
+
+/// A step index inside its journey.
+pub type StepIx = usize;
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    WaitForTrigger {
+        event: String,
+        conditions: Conditions,
+        timeout: Option<Millis>,
+        next: Option<StepIx>,
+        on_timeout: Option<StepIx>,
+    },
+    Delay {
+        duration: Millis,
+        next: Option<StepIx>,
+    },
+    Action {
+        action: String,
+        params: Value,
+        next: Option<StepIx>,
+    },
+    Split {
+        branches: Vec<(Conditions, StepIx)>,
+        default: Option<StepIx>,
+    },
+    Exit,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub id: String,
+    pub kind: StepKind,
+}
+
+/// A conversion goal.
+#[derive(Debug, Clone)]
+pub struct Goal {
+    pub id: String,
+    pub event: String,
+    pub conditions: Conditions,
+    pub within: Option<Millis>,
+    pub exit: bool,
+}
+
+/// A validated journey, ready to run.
+#[derive(Debug, Clone)]
+pub struct Journey {
+    pub id: String,
+    pub application: String,
+    pub status: Status,
+    pub entry: Entry,
+    pub start: StepIx,
+    pub steps: Vec<Step>,
+    pub goals: Vec<Goal>,
+    /// The definition as written, for versioning and inspection.
+    pub source: Value,
+    /// Where it was loaded from.
+    pub file: String,
+}
+
+impl Journey {
+    pub fn step_ix(&self, id: &str) -> Option<StepIx> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+
+    /// Whether any wait step or goal listens to `event`.
+    pub fn listens_to(&self, event: &str) -> bool {
+        self.goals.iter().any(|g| g.event == event)
+            || self
+                .steps
+                .iter()
+                .any(|s| matches!(&s.kind, StepKind::WaitForTrigger { event: e, .. } if e == event))
+    }
+}
+
+/// What one (application, event name) pair means to the journey set.
+#[derive(Debug, Default, Clone)]
+pub struct Interest {
+    /// Journeys (indexes into [`JourneySet::journeys`]) whose entry trigger is this event.
+    pub entries: Vec<usize>,
+    /// Whether some journey of the application waits for this event or has it as a goal, so the
+    /// user's live sessions must be looked at.
+    pub sessions: bool,
+}
+
+/// All loaded journeys, sorted by id, with an index from (application, event) to interest.
+#[derive(Debug, Default, Clone)]
+pub struct JourneySet {
+    pub journeys: Vec<Arc<Journey>>,
+    interest: HashMap<String, HashMap<String, Interest>>,
+}
+
+impl JourneySet {
+    pub fn new(mut journeys: Vec<Journey>) -> JourneySet {
+        journeys.sort_by(|a, b| a.id.cmp(&b.id));
+        let journeys: Vec<Arc<Journey>> = journeys.into_iter().map(Arc::new).collect();
+        let mut interest: HashMap<String, HashMap<String, Interest>> = HashMap::new();
+        for (ix, j) in journeys.iter().enumerate() {
+            let app = interest.entry(j.application.clone()).or_default();
+            app.entry(j.entry.event.clone())
+                .or_default()
+                .entries
+                .push(ix);
+            let mut listened: Vec<&str> = j.goals.iter().map(|g| g.event.as_str()).collect();
+            for s in &j.steps {
+                if let StepKind::WaitForTrigger { event, .. } = &s.kind {
+                    listened.push(event);
+                }
+            }
+            for e in listened {
+                app.entry(e.to_string()).or_default().sessions = true;
+            }
+        }
+        JourneySet { journeys, interest }
+    }
+
+    /// What the event `name` of `application` means here; `None` when no journey cares.
+    pub fn interest(&self, application: &str, name: &str) -> Option<&Interest> {
+        self.interest.get(application)?.get(name)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Journey>> {
+        self.journeys
+            .binary_search_by(|j| j.id.as_str().cmp(id))
+            .ok()
+            .map(|i| &self.journeys[i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.journeys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.journeys.is_empty()
+    }
+}
+
+/// Loads and validates every `*.json` file of `dir` (sorted by name). All problems of all files
+/// are returned together; duplicate journey ids across files are problems too.
+pub fn load_dir(dir: &Path) -> Result<JourneySet, InvalidJourneys> {
+    let mut problems = Vec::new();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json") && p.is_file())
+            .collect(),
+        Err(e) => {
+            return Err(InvalidJourneys(vec![Problem {
+                file: dir.display().to_string(),
+                path: "$".into(),
+                message: format!("cannot read the journeys directory: {e}"),
+            }]))
+        }
+    };
+    files.sort();
+    let mut journeys: Vec<Journey> = Vec::new();
+    for f in &files {
+        let name = f.display().to_string();
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Problem {
+                    file: name,
+                    path: "$".into(),
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        match parse_journey(&name, &text) {
+            Ok(j) => {
+                if let Some(other) = journeys.iter().find(|o| o.id == j.id) {
+                    problems.push(Problem {
+                        file: name,
+                        path: "$.id".into(),
+                        message: format!("duplicate journey id {:?}, also in {}", j.id, other.file),
+                    });
+                } else {
+                    journeys.push(j);
+                }
+            }
+            Err(mut ps) => problems.append(&mut ps),
+        }
+    }
+    if problems.is_empty() {
+        Ok(JourneySet::new(journeys))
+    } else {
+        Err(InvalidJourneys(problems))
+    }
+}
+
+/// Parses and validates one definition file's text.
+pub fn parse_journey(file: &str, text: &str) -> Result<Journey, Vec<Problem>> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        vec![Problem {
+            file: file.to_string(),
+            path: "$".into(),
+            message: format!("not valid JSON: {e}"),
+        }]
+    })?;
+    compile_journey(file, &value)
+}

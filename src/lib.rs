@@ -1,0 +1,25 @@
+//! waymark: a Kafka-native customer-journey engine.
+//!
+//! Services produce events to Kafka; waymark decides, per user and per session, who enters which
+//! journey, moves sessions from step to step, and publishes entry, step and conversion records.
+//! The data's path, one module per stage, each importing only those above it:
+//!
+//! - [`time`]: event time as epoch milliseconds, RFC 3339 in and out, journey durations.
+//! - [`event`]: input events (contract section 1): decoding, validation, normalisation.
+//! - [`record`]: output records (contract section 3).
+//! - [`journey`]: journey definitions: conditions, entry windows, loading and validation.
+//! - [`engine`]: the pure journey state machine: sessions + input -> new sessions + records.
+//! - [`store`]: the state store trait (sessions, timers, metadata, atomic batches) and RocksDB.
+//! - [`processor`]: the engine over a store: timers, session loading, staging, commits.
+//! - [`replay`]: `waymark replay`, the processor over a file of events.
+
+#![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod event;
+pub mod journey;
+pub mod processor;
+pub mod record;
+pub mod replay;
+pub mod store;
+pub mod time;

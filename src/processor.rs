@@ -1,0 +1,218 @@
+//! The engine over a state store: one partition's (or one replay's) processing loop body.
+//!
+//! [`Processor`] turns inputs into records and staged state changes: it fires due timers, loads
+//! the sessions an event concerns (one prefix scan per user, none at all for events no journey
+//! cares about), runs the pure [`Engine`], and stages what changed in [`State`]. It knows nothing
+//! of Kafka: `waymark replay` and `waymark run` both drive it.
+
+use std::sync::Arc;
+
+use crate::engine::{Effects, Engine, EntryIntent, Refusal, UserSessions};
+use crate::event::Event;
+use crate::journey::JourneySet;
+use crate::record::Record;
+use crate::store::{State, Store, StoreError, TimerRef};
+use crate::time::Millis;
+
+/// What processing produced, to publish and to count.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub records: Vec<Record>,
+    /// Entries for users whose state lives elsewhere (another partition).
+    pub routed: Vec<EntryIntent>,
+    pub refused: Vec<(String, Refusal)>,
+    pub matched: Vec<String>,
+    /// Timers fired, with their due times (for lateness).
+    pub timers_fired: Vec<Millis>,
+}
+
+impl Output {
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.routed.clear();
+        self.refused.clear();
+        self.matched.clear();
+        self.timers_fired.clear();
+    }
+
+    fn take_effects(&mut self, fx: &mut Effects) {
+        self.records.append(&mut fx.records);
+        self.refused.append(&mut fx.refused);
+        self.matched.append(&mut fx.matched);
+    }
+}
+
+/// Processes inputs against one store.
+pub struct Processor<S: Store> {
+    engine: Engine,
+    state: State<S>,
+    /// The earliest timer's due time, kept so events need no store access to know none is due.
+    next_timer: Option<Millis>,
+    fx: Effects,
+}
+
+impl<S: Store> Processor<S> {
+    pub fn new(journeys: Arc<JourneySet>, state: State<S>) -> Result<Processor<S>, StoreError> {
+        let next_timer = state.next_timer()?;
+        Ok(Processor {
+            engine: Engine::new(journeys),
+            state,
+            next_timer,
+            fx: Effects::default(),
+        })
+    }
+
+    pub fn state(&self) -> &State<S> {
+        &self.state
+    }
+
+    pub fn state_mut(&mut self) -> &mut State<S> {
+        &mut self.state
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Replaces the journey set (a reload).
+    pub fn set_journeys(&mut self, journeys: Arc<JourneySet>) {
+        self.engine = Engine::new(journeys);
+    }
+
+    /// The earliest pending timer, if any.
+    pub fn next_timer(&self) -> Option<Millis> {
+        self.next_timer
+    }
+
+    /// Re-reads the earliest timer from the state (after a discard or a restore).
+    pub fn reload_next_timer(&mut self) -> Result<(), StoreError> {
+        self.next_timer = self.state.next_timer()?;
+        Ok(())
+    }
+
+    fn note_timer(&mut self, due: Option<Millis>) {
+        if let Some(d) = due {
+            self.next_timer = Some(self.next_timer.map_or(d, |n| n.min(d)));
+        }
+    }
+
+    /// Fires every timer due at or before `upto`, earliest first (a timer that sets another due by
+    /// then fires that one too).
+    pub fn fire_due(&mut self, upto: Millis, out: &mut Output) -> Result<(), StoreError> {
+        while self.next_timer.is_some_and(|n| n <= upto) {
+            match self.state.first_due(upto)? {
+                Some(t) => self.fire(t, out)?,
+                None => {
+                    self.next_timer = self.state.next_timer()?;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fire(&mut self, t: TimerRef, out: &mut Output) -> Result<(), StoreError> {
+        self.state.stage_delete_timer(&t);
+        let sessions = self.state.user_sessions(&t.application, &t.user_id)?;
+        let mut us = UserSessions::new(sessions);
+        if let Some(ix) = us.find(&t.journey_id, t.key.as_deref()) {
+            self.engine.fire_timer(&mut us, ix, t.due, &mut self.fx);
+            out.timers_fired.push(t.due);
+        }
+        let due = self.state.stage_changes(&t.application, us.changes());
+        self.note_timer(due);
+        out.take_effects(&mut self.fx);
+        // The fired key is gone; find the next one.
+        self.next_timer = self.state.next_timer()?;
+        Ok(())
+    }
+
+    /// Applies one event: due timers first, then goals and waits of the user's sessions, then
+    /// entries. `owns` says whether a user's state lives in this store; entries for other users
+    /// go to `out.routed`.
+    pub fn on_event(
+        &mut self,
+        ev: &Event,
+        owns: &dyn Fn(&str) -> bool,
+        out: &mut Output,
+    ) -> Result<(), StoreError> {
+        self.fire_due(ev.time, out)?;
+        let Some(interest) = self.engine.journeys().interest(&ev.application, &ev.name) else {
+            return Ok(());
+        };
+        let wants_sessions = interest.sessions;
+        let has_entries = !interest.entries.is_empty();
+        let mut own: Option<UserSessions> = None;
+        if wants_sessions {
+            let mut us = UserSessions::new(self.state.user_sessions(&ev.application, &ev.user_id)?);
+            self.engine.apply_event(ev, &mut us, &mut self.fx);
+            own = Some(us);
+        }
+        if has_entries {
+            let intents = self.engine.entry_intents(ev, &mut self.fx);
+            let mut others: Vec<(String, UserSessions)> = Vec::new();
+            for intent in intents {
+                if intent.user_id == ev.user_id {
+                    if own.is_none() {
+                        own = Some(UserSessions::new(
+                            self.state.user_sessions(&ev.application, &ev.user_id)?,
+                        ));
+                    }
+                    let us = own.as_mut().expect("loaded above");
+                    self.engine.apply_entry(&intent, us, &mut self.fx);
+                } else if owns(&intent.user_id) {
+                    let pos = match others.iter().position(|(u, _)| u == &intent.user_id) {
+                        Some(p) => p,
+                        None => {
+                            let s = self
+                                .state
+                                .user_sessions(&intent.application, &intent.user_id)?;
+                            others.push((intent.user_id.clone(), UserSessions::new(s)));
+                            others.len() - 1
+                        }
+                    };
+                    self.engine
+                        .apply_entry(&intent, &mut others[pos].1, &mut self.fx);
+                } else {
+                    out.routed.push(intent);
+                }
+            }
+            for (_, mut us) in others {
+                let due = self.state.stage_changes(&ev.application, us.changes());
+                self.note_timer(due);
+            }
+        }
+        if let Some(mut us) = own {
+            let due = self.state.stage_changes(&ev.application, us.changes());
+            self.note_timer(due);
+        }
+        out.take_effects(&mut self.fx);
+        Ok(())
+    }
+
+    /// Applies an entry decided elsewhere (routed from another partition). Timers due by its time
+    /// fire first.
+    pub fn on_intent(&mut self, intent: &EntryIntent, out: &mut Output) -> Result<(), StoreError> {
+        self.fire_due(intent.time, out)?;
+        let mut us = UserSessions::new(
+            self.state
+                .user_sessions(&intent.application, &intent.user_id)?,
+        );
+        self.engine.apply_entry(intent, &mut us, &mut self.fx);
+        let due = self.state.stage_changes(&intent.application, us.changes());
+        self.note_timer(due);
+        out.take_effects(&mut self.fx);
+        Ok(())
+    }
+
+    /// Writes everything staged in one atomic batch.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.state.commit()
+    }
+
+    /// Drops everything staged (an aborted batch) and re-reads the timer index.
+    pub fn discard(&mut self) -> Result<(), StoreError> {
+        self.state.discard();
+        self.reload_next_timer()
+    }
+}

@@ -1,0 +1,540 @@
+//! Journey state storage.
+//!
+//! [`Store`] is an ordered key-value store with three tables and atomic write batches; it never
+//! names RocksDB ([`rocks::RocksStore`] is the implementation the service uses). [`State`] is the
+//! typed layer on top: sessions keyed by (application, user, journey, session key) so that a user's
+//! sessions are one prefix scan, timers indexed by due time, and metadata such as input offsets.
+//! Every change caused by one input is written in one [`Batch`].
+
+pub mod rocks;
+
+use std::collections::BTreeMap;
+
+use crate::engine::{Change, Session};
+use crate::time::Millis;
+
+/// The tables of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Sessions by (application, user, journey, key), prefixed by a hash of (application, user).
+    Sessions,
+    /// Timer index by (due, application, user, journey, key); values are empty.
+    Timers,
+    /// Metadata: input offsets, replay clock, journey versions.
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Sessions, Table::Timers, Table::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Sessions => "sessions",
+            Table::Timers => "timers",
+            Table::Meta => "meta",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == s)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Backend(String),
+    #[error("state store holds an unreadable value at {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One write: `None` deletes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub table: Table,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Changes applied atomically, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub ops: Vec<Put>,
+}
+
+impl Batch {
+    pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Put {
+            table,
+            key,
+            value: Some(value),
+        });
+    }
+
+    pub fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.ops.push(Put {
+            table,
+            key,
+            value: None,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.ops.clear();
+    }
+}
+
+/// An ordered key-value store with atomic batches.
+pub trait Store: Send + Sync {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Visits keys starting with `prefix` in order until `f` returns false.
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()>;
+    /// Visits keys at or after `start` in order until `f` returns false.
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()>;
+    /// Applies every op of the batch, or none.
+    fn write(&self, batch: &Batch) -> Result<()>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// A due timer, as found in the index.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimerRef {
+    pub due: Millis,
+    pub application: String,
+    pub user_id: String,
+    pub journey_id: String,
+    pub key: Option<String>,
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt(buf: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => buf.push(0),
+        Some(s) => {
+            buf.push(1);
+            put_str(buf, s);
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn str(&mut self) -> Option<String> {
+        let n = u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+    fn opt(&mut self) -> Option<Option<String>> {
+        match self.take(1)?[0] {
+            0 => Some(None),
+            _ => Some(Some(self.str()?)),
+        }
+    }
+}
+
+/// Order-preserving encoding of a signed time.
+fn due_bytes(due: Millis) -> [u8; 8] {
+    ((due as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn due_from(b: &[u8]) -> Option<Millis> {
+    Some((u64::from_be_bytes(b.try_into().ok()?) ^ (1 << 63)) as i64)
+}
+
+/// The 8-byte prefix shared by all of a user's sessions (the store's bloom-filtered prefix).
+pub fn user_hash(application: &str, user: &str) -> [u8; 8] {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(application.as_bytes());
+    h.update(&[0]);
+    h.update(user.as_bytes());
+    h.digest().to_be_bytes()
+}
+
+/// The key prefix of all of a user's sessions.
+pub fn user_prefix(application: &str, user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + application.len() + user.len() + 16);
+    k.extend_from_slice(&user_hash(application, user));
+    put_str(&mut k, application);
+    put_str(&mut k, user);
+    k
+}
+
+pub fn session_key(application: &str, user: &str, journey: &str, key: Option<&str>) -> Vec<u8> {
+    let mut k = user_prefix(application, user);
+    put_str(&mut k, journey);
+    put_opt(&mut k, key);
+    k
+}
+
+pub fn timer_key(
+    due: Millis,
+    application: &str,
+    user: &str,
+    journey: &str,
+    key: Option<&str>,
+) -> Vec<u8> {
+    let mut k = Vec::with_capacity(48 + user.len() + journey.len());
+    k.extend_from_slice(&due_bytes(due));
+    put_str(&mut k, application);
+    put_str(&mut k, user);
+    put_str(&mut k, journey);
+    put_opt(&mut k, key);
+    k
+}
+
+pub fn decode_timer_key(k: &[u8]) -> Option<TimerRef> {
+    let due = due_from(k.get(..8)?)?;
+    let mut r = Reader(&k[8..]);
+    Some(TimerRef {
+        due,
+        application: r.str()?,
+        user_id: r.str()?,
+        journey_id: r.str()?,
+        key: r.opt()?,
+    })
+}
+
+/// Journey state over a [`Store`]: the typed operations the processor needs.
+///
+/// Writes are staged in memory and visible to every read through this `State` at once; they reach
+/// the store only in [`State::commit`], as one atomic batch. The runtime commits after the outputs
+/// of the staged inputs are acknowledged, together with the input offsets they reached, so a crash
+/// never leaves state ahead of what was published; [`State::discard`] drops staged work (an aborted
+/// transaction).
+pub struct State<S: Store> {
+    store: S,
+    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 3],
+    staged_ops: usize,
+}
+
+fn slot(t: Table) -> usize {
+    match t {
+        Table::Sessions => 0,
+        Table::Timers => 1,
+        Table::Meta => 2,
+    }
+}
+
+impl<S: Store> State<S> {
+    pub fn new(store: S) -> State<S> {
+        State {
+            store,
+            pending: Default::default(),
+            staged_ops: 0,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// How many writes are staged and not yet committed.
+    pub fn staged(&self) -> usize {
+        self.staged_ops
+    }
+
+    pub fn stage(&mut self, table: Table, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.pending[slot(table)].insert(key, value);
+        self.staged_ops += 1;
+    }
+
+    pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.pending[slot(table)].get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.get(table, key),
+        }
+    }
+
+    /// Visits `table` in key order from `start` (and only keys with `prefix`, if given), staged
+    /// writes merged over the store, until `f` returns false.
+    fn scan(
+        &self,
+        table: Table,
+        start: &[u8],
+        prefix: Option<&[u8]>,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let staged = &self.pending[slot(table)];
+        let in_range = |k: &[u8]| prefix.is_none_or(|p| k.starts_with(p));
+        let mut overlay = staged
+            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| in_range(k))
+            .peekable();
+        let mut stopped = false;
+        let mut visit = |k: &[u8], v: &[u8]| -> bool {
+            // Staged keys before this one come first.
+            while let Some((ok, ov)) = overlay.peek() {
+                if ok.as_slice() >= k {
+                    break;
+                }
+                if let Some(ov) = ov {
+                    if !f(ok, ov) {
+                        stopped = true;
+                        return false;
+                    }
+                }
+                overlay.next();
+            }
+            if let Some((ok, ov)) = overlay.peek() {
+                if ok.as_slice() == k {
+                    let keep_going = match ov {
+                        Some(ov) => f(ok, ov),
+                        None => true,
+                    };
+                    overlay.next();
+                    if !keep_going {
+                        stopped = true;
+                    }
+                    return keep_going;
+                }
+            }
+            if !f(k, v) {
+                stopped = true;
+                return false;
+            }
+            true
+        };
+        match prefix {
+            Some(p) => self.store.scan_prefix(table, p, &mut visit)?,
+            None => self.store.scan_from(table, start, &mut visit)?,
+        }
+        if !stopped {
+            for (k, v) in overlay {
+                if let Some(v) = v {
+                    if !f(k, v) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// All sessions of (application, user): one prefix scan.
+    pub fn user_sessions(&self, application: &str, user: &str) -> Result<Vec<Session>> {
+        let prefix = user_prefix(application, user);
+        let mut out = Vec::new();
+        let mut err = None;
+        self.scan(Table::Sessions, &prefix, Some(&prefix), &mut |k, v| {
+            match serde_json::from_slice::<Session>(v) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    err = Some(StoreError::Corrupt {
+                        key: String::from_utf8_lossy(k).into_owned(),
+                        reason: e.to_string(),
+                    });
+                    return false;
+                }
+            }
+            true
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Every session, in key order, with its application (for inspection and gauges).
+    pub fn all_sessions(&self, f: &mut dyn FnMut(&str, Session) -> bool) -> Result<()> {
+        self.scan(Table::Sessions, &[], None, &mut |k, v| {
+            let mut r = Reader(&k[8..]);
+            let app = r.str().unwrap_or_default();
+            match serde_json::from_slice::<Session>(v) {
+                Ok(s) => f(&app, s),
+                Err(_) => true,
+            }
+        })
+    }
+
+    /// The earliest timer, if it is due at or before `upto`.
+    pub fn first_due(&self, upto: Millis) -> Result<Option<TimerRef>> {
+        let mut first = None;
+        self.scan(Table::Timers, &[], None, &mut |k, _| {
+            first = decode_timer_key(k).filter(|t| t.due <= upto);
+            false
+        })?;
+        Ok(first)
+    }
+
+    /// Every timer, earliest first (for inspection).
+    pub fn all_timers(&self, f: &mut dyn FnMut(TimerRef) -> bool) -> Result<()> {
+        self.scan(
+            Table::Timers,
+            &[],
+            None,
+            &mut |k, _| match decode_timer_key(k) {
+                Some(t) => f(t),
+                None => true,
+            },
+        )
+    }
+
+    /// The earliest timer's due time.
+    pub fn next_timer(&self) -> Result<Option<Millis>> {
+        let mut next = None;
+        self.scan(Table::Timers, &[], None, &mut |k, _| {
+            next = decode_timer_key(k).map(|t| t.due);
+            false
+        })?;
+        Ok(next)
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.get(Table::Meta, key.as_bytes())
+    }
+
+    pub fn stage_meta(&mut self, key: &str, value: Vec<u8>) {
+        self.stage(Table::Meta, key.as_bytes().to_vec(), Some(value));
+    }
+
+    pub fn stage_delete_timer(&mut self, t: &TimerRef) {
+        let key = timer_key(
+            t.due,
+            &t.application,
+            &t.user_id,
+            &t.journey_id,
+            t.key.as_deref(),
+        );
+        self.stage(Table::Timers, key, None);
+    }
+
+    /// Stages the engine's changes for `application`; returns the earliest timer they set.
+    pub fn stage_changes(&mut self, application: &str, changes: Vec<Change>) -> Option<Millis> {
+        let mut earliest: Option<Millis> = None;
+        for c in changes {
+            match c {
+                Change::Put { session, old_timer } => {
+                    let key = session.key.as_deref();
+                    let (user, journey) = (&session.user_id, &session.journey_id);
+                    if let Some(old) = old_timer.filter(|&o| Some(o) != session.timer) {
+                        self.stage(
+                            Table::Timers,
+                            timer_key(old, application, user, journey, key),
+                            None,
+                        );
+                    }
+                    if let Some(due) = session.timer {
+                        if Some(due) != old_timer {
+                            let tk = timer_key(due, application, user, journey, key);
+                            self.stage(Table::Timers, tk, Some(Vec::new()));
+                        }
+                        earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
+                    }
+                    let sk = session_key(application, user, journey, key);
+                    let value = serde_json::to_vec(&session).expect("sessions always serialise");
+                    self.stage(Table::Sessions, sk, Some(value));
+                }
+                Change::Delete { session, old_timer } => {
+                    let key = session.key.as_deref();
+                    let (user, journey) = (&session.user_id, &session.journey_id);
+                    if let Some(old) = old_timer {
+                        self.stage(
+                            Table::Timers,
+                            timer_key(old, application, user, journey, key),
+                            None,
+                        );
+                    }
+                    self.stage(
+                        Table::Sessions,
+                        session_key(application, user, journey, key),
+                        None,
+                    );
+                }
+            }
+        }
+        earliest
+    }
+
+    /// The staged writes as one batch, in table and key order (what a changelog would carry).
+    pub fn staged_batch(&self) -> Batch {
+        let mut batch = Batch::default();
+        for t in Table::ALL {
+            for (k, v) in &self.pending[slot(t)] {
+                batch.ops.push(Put {
+                    table: t,
+                    key: k.clone(),
+                    value: v.clone(),
+                });
+            }
+        }
+        batch
+    }
+
+    /// Writes everything staged to the store in one atomic batch.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.staged_ops == 0 {
+            return Ok(());
+        }
+        let batch = self.staged_batch();
+        self.store.write(&batch)?;
+        self.discard();
+        Ok(())
+    }
+
+    /// Drops everything staged.
+    pub fn discard(&mut self) {
+        for p in &mut self.pending {
+            p.clear();
+        }
+        self.staged_ops = 0;
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.store.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_keys_order_by_due_time_including_negative() {
+        let a = timer_key(-5, "a", "u", "j", None);
+        let b = timer_key(0, "a", "u", "j", None);
+        let c = timer_key(1_700_000_000_000, "a", "u", "j", Some("k"));
+        assert!(a < b && b < c);
+        let t = decode_timer_key(&c).unwrap();
+        assert_eq!(t.due, 1_700_000_000_000);
+        assert_eq!(t.key.as_deref(), Some("k"));
+        assert_eq!(t.user_id, "u");
+    }
+
+    #[test]
+    fn session_keys_share_the_user_prefix() {
+        let p = user_prefix("app", "42");
+        assert!(session_key("app", "42", "j", None).starts_with(&p));
+        assert!(session_key("app", "42", "j", Some("1001")).starts_with(&p));
+        assert!(!session_key("app", "421", "j", None).starts_with(&p));
+        assert!(!session_key("app2", "42", "j", None).starts_with(&p));
+    }
+}

@@ -1,0 +1,139 @@
+//! The RocksDB implementation of [`Store`]: one column family per table, prefix bloom filters on
+//! sessions so "this user has no session" is answered without reading a data block.
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
+    SliceTransform, WriteBatch, WriteOptions, DB,
+};
+
+use super::{Batch, Result, Store, StoreError, Table};
+
+/// A RocksDB database holding one partition's (or one replay's) journey state.
+pub struct RocksStore {
+    db: DB,
+    sync: bool,
+}
+
+fn err(e: rocksdb::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the store in `dir`. With `sync`, every batch is fsynced.
+    pub fn open(dir: &Path, sync: bool) -> Result<RocksStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(3);
+        opts.set_max_log_file_size(8 << 20);
+
+        let mut sessions = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_whole_key_filtering(true);
+        table.set_cache_index_and_filter_blocks(true);
+        sessions.set_block_based_table_factory(&table);
+        sessions.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
+        sessions.set_memtable_prefix_bloom_ratio(0.1);
+        sessions.set_write_buffer_size(64 << 20);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(Table::Sessions.name(), sessions),
+            ColumnFamilyDescriptor::new(Table::Timers.name(), Options::default()),
+            ColumnFamilyDescriptor::new(Table::Meta.name(), Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+            StoreError::Backend(format!("cannot open state in {}: {e}", dir.display()))
+        })?;
+        Ok(RocksStore { db, sync })
+    }
+
+    fn cf(&self, t: Table) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(t.name())
+            .expect("column families are created on open")
+    }
+}
+
+impl Store for RocksStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(table), key).map_err(err)
+    }
+
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        if table == Table::Sessions && prefix.len() >= 8 {
+            ro.set_prefix_same_as_start(true);
+        } else {
+            ro.set_total_order_seek(true);
+        }
+        let iter = self.db.iterator_cf_opt(
+            self.cf(table),
+            ro,
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(err)?;
+            if !k.starts_with(prefix) || !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(table),
+            ro,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(err)?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut wb = WriteBatch::default();
+        for op in &batch.ops {
+            match &op.value {
+                Some(v) => wb.put_cf(self.cf(op.table), &op.key, v),
+                None => wb.delete_cf(self.cf(op.table), &op.key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync);
+        self.db.write_opt(wb, &wo).map_err(err)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(err)?;
+        for t in Table::ALL {
+            self.db.flush_cf(self.cf(t)).map_err(err)?;
+        }
+        Ok(())
+    }
+}
