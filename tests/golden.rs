@@ -15,7 +15,12 @@ fn every_fixture_matches_its_golden_output() {
     assert!(dirs.len() >= 10, "fixtures are missing");
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let (out, err) = run_replay(&dir.join("journeys"), &dir.join("events.jsonl"), until_of(&dir), None);
+        let (out, err) = run_replay(
+            &dir.join("journeys"),
+            &dir.join("events.jsonl"),
+            until_of(&dir),
+            None,
+        );
         let expected_path = dir.join("expected.jsonl");
         let stderr_path = dir.join("expected-stderr.txt");
         if bless {
@@ -64,8 +69,22 @@ fn split_replay_over_one_state_equals_one_run() {
             let tmp = tempfile::tempdir().unwrap();
             let first = tmp.path().join("first.jsonl");
             let second = tmp.path().join("second.jsonl");
-            std::fs::write(&first, lines[..cut].iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-            std::fs::write(&second, lines[cut..].iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+            std::fs::write(
+                &first,
+                lines[..cut]
+                    .iter()
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+            )
+            .unwrap();
+            std::fs::write(
+                &second,
+                lines[cut..]
+                    .iter()
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+            )
+            .unwrap();
             let state = tmp.path().join("state");
             let journeys = dir.join("journeys");
             let (a, _) = run_replay(&journeys, &first, None, Some(&state));

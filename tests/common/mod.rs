@@ -47,5 +47,8 @@ pub fn run_replay(
     let mut out = Vec::new();
     let mut err = Vec::new();
     replay(set, &opts, &mut out, &mut err).unwrap();
-    (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+    (
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
 }
