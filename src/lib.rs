@@ -12,12 +12,14 @@
 //! - [`store`]: the state store trait (sessions, timers, metadata, atomic batches) and RocksDB.
 //! - [`processor`]: the engine over a store: timers, session loading, staging, commits.
 //! - [`replay`]: `waymark replay`, the processor over a file of events.
+//! - [`loadgen`]: synthetic journeys and events for benchmarks.
 
 #![forbid(unsafe_code)]
 
 pub mod engine;
 pub mod event;
 pub mod journey;
+pub mod loadgen;
 pub mod processor;
 pub mod record;
 pub mod replay;

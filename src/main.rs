@@ -47,6 +47,21 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Write synthetic benchmark journeys and events (about 30% of events touch a journey).
+    Loadgen {
+        /// Where to write the ten benchmark journeys.
+        #[arg(long)]
+        journeys: PathBuf,
+        /// Where to write the events (JSON lines); `-` for stdout.
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        #[arg(long, default_value_t = 100_000)]
+        users: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 fn parse_until(s: &str) -> Result<i64, String> {
@@ -57,6 +72,39 @@ fn parse_until(s: &str) -> Result<i64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Loadgen {
+            journeys,
+            events,
+            count,
+            users,
+            seed,
+        } => {
+            let result = (|| -> std::io::Result<()> {
+                waymark::loadgen::write_journeys(&journeys)?;
+                let mut out: Box<dyn std::io::Write> = if events.as_os_str() == "-" {
+                    Box::new(std::io::stdout().lock())
+                } else {
+                    Box::new(std::fs::File::create(&events)?)
+                };
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut out);
+                waymark::loadgen::write_events(
+                    &mut out,
+                    count,
+                    users,
+                    seed,
+                    1_795_860_000_000,
+                    50,
+                )?;
+                std::io::Write::flush(&mut out)
+            })();
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("waymark loadgen: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Validate { dir } => match load_dir(&dir) {
             Ok(set) => {
                 println!("ok: {} journey(s) in {}", set.len(), dir.display());

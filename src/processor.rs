@@ -98,12 +98,23 @@ impl<S: Store> Processor<S> {
 
     /// Fires every timer due at or before `upto`, earliest first (a timer that sets another due by
     /// then fires that one too).
+    ///
+    /// `next_timer` is kept a lower bound of every live timer's due time: firing in due order
+    /// keeps it, and every new timer lowers it if need be. Scans start there, past the
+    /// tombstones of fired timers.
     pub fn fire_due(&mut self, upto: Millis, out: &mut Output) -> Result<(), StoreError> {
-        while self.next_timer.is_some_and(|n| n <= upto) {
-            match self.state.first_due(upto)? {
-                Some(t) => self.fire(t, out)?,
+        while let Some(from) = self.next_timer.filter(|&n| n <= upto) {
+            match self.state.first_timer(from)? {
+                Some(t) if t.due <= upto => {
+                    self.next_timer = Some(t.due);
+                    self.fire(t, out)?;
+                }
+                Some(t) => {
+                    self.next_timer = Some(t.due);
+                    break;
+                }
                 None => {
-                    self.next_timer = self.state.next_timer()?;
+                    self.next_timer = None;
                     break;
                 }
             }
@@ -122,8 +133,6 @@ impl<S: Store> Processor<S> {
         let due = self.state.stage_changes(&t.application, us.changes());
         self.note_timer(due);
         out.take_effects(&mut self.fx);
-        // The fired key is gone; find the next one.
-        self.next_timer = self.state.next_timer()?;
         Ok(())
     }
 

@@ -375,11 +375,12 @@ impl<S: Store> State<S> {
         })
     }
 
-    /// The earliest timer, if it is due at or before `upto`.
-    pub fn first_due(&self, upto: Millis) -> Result<Option<TimerRef>> {
+    /// The earliest timer due at or after `from`. Callers pass a lower bound of every live
+    /// timer, so the scan starts past the tombstones of timers already fired.
+    pub fn first_timer(&self, from: Millis) -> Result<Option<TimerRef>> {
         let mut first = None;
-        self.scan(Table::Timers, &[], None, &mut |k, _| {
-            first = decode_timer_key(k).filter(|t| t.due <= upto);
+        self.scan(Table::Timers, &due_bytes(from), None, &mut |k, _| {
+            first = decode_timer_key(k);
             false
         })?;
         Ok(first)
