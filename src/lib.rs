@@ -13,15 +13,25 @@
 //! - [`processor`]: the engine over a store: timers, session loading, staging, commits.
 //! - [`replay`]: `waymark replay`, the processor over a file of events.
 //! - [`loadgen`]: synthetic journeys and events for benchmarks.
+//! - [`config`]: `waymark run` configuration: defaults, file, environment, flags.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`logging`]: tracing setup (text or JSON, level from `WAYMARK_LOG`).
+//! - [`service`]: wiring for `waymark run`: config, journeys, topics, signals, metrics server.
+//! - [`kafka`]: the Kafka runtime (`waymark run`), ownership by murmur2, topics, produce/tail.
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod engine;
 pub mod event;
 pub mod journey;
+pub mod kafka;
 pub mod loadgen;
+pub mod logging;
+pub mod metrics;
 pub mod processor;
 pub mod record;
 pub mod replay;
+pub mod service;
 pub mod store;
 pub mod time;

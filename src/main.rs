@@ -23,6 +23,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the service: consume events, keep journey state, publish records.
+    Run {
+        /// The config file (TOML); default: config/waymark.toml if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Override kafka.group_id.
+        #[arg(long)]
+        group_id: Option<String>,
+        /// Override kafka.input_topics (comma-separated).
+        #[arg(long)]
+        input_topics: Option<String>,
+        /// Override state.dir.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Override journeys.dir.
+        #[arg(long)]
+        journeys_dir: Option<PathBuf>,
+        /// Override metrics.addr.
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Log format: text or json.
+        #[arg(long, default_value = "text")]
+        log_format: String,
+    },
+    /// Produce a file of events (JSON lines, `-` for stdin) to a topic, keyed by userId.
+    Produce {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long, default_value = "events")]
+        topic: String,
+        file: PathBuf,
+    },
+    /// Print the records of topics from the beginning.
+    Tail {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop once no record arrived for this long (e.g. 5s).
+        #[arg(long, default_value = "5s")]
+        idle: humantime::Duration,
+        /// raw (values), verbose (with key, headers, offsets) or pretty (readable summaries).
+        #[arg(long, default_value = "raw")]
+        format: String,
+        #[arg(required = true)]
+        topics: Vec<String>,
+    },
     /// Check journey definitions; prints every problem with file, JSON path and reason.
     Validate {
         /// The journeys directory.
@@ -72,6 +123,90 @@ fn parse_until(s: &str) -> Result<i64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run {
+            config,
+            brokers,
+            group_id,
+            input_topics,
+            state_dir,
+            journeys_dir,
+            metrics_addr,
+            log_format,
+        } => {
+            use toml::Value;
+            let mut overrides: Vec<(&str, Value)> = Vec::new();
+            if let Some(b) = brokers {
+                overrides.push(("kafka.brokers", Value::String(b)));
+            }
+            if let Some(g) = group_id {
+                overrides.push(("kafka.group_id", Value::String(g)));
+            }
+            if let Some(t) = input_topics {
+                let list = t
+                    .split(',')
+                    .map(|s| Value::String(s.trim().to_string()))
+                    .collect();
+                overrides.push(("kafka.input_topics", Value::Array(list)));
+            }
+            if let Some(d) = state_dir {
+                overrides.push(("state.dir", Value::String(d.display().to_string())));
+            }
+            if let Some(d) = journeys_dir {
+                overrides.push(("journeys.dir", Value::String(d.display().to_string())));
+            }
+            if let Some(a) = metrics_addr {
+                overrides.push(("metrics.addr", Value::String(a)));
+            }
+            let config = config.or_else(|| {
+                let default = PathBuf::from("config/waymark.toml");
+                default.exists().then_some(default)
+            });
+            waymark::logging::init(&log_format);
+            match waymark::service::run(config.as_deref(), &overrides) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => ExitCode::from(code),
+            }
+        }
+        Command::Produce {
+            brokers,
+            topic,
+            file,
+        } => match waymark::kafka::tools::produce(&brokers, &topic, &file) {
+            Ok(n) => {
+                eprintln!("produced {n} record(s) to {topic}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("waymark produce: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Tail {
+            brokers,
+            count,
+            idle,
+            format,
+            topics,
+        } => {
+            use waymark::kafka::tools::{tail, TailFormat};
+            let format = match format.as_str() {
+                "raw" => TailFormat::Raw,
+                "verbose" => TailFormat::Verbose,
+                "pretty" => TailFormat::Pretty,
+                other => {
+                    eprintln!("waymark tail: unknown format {other:?}; use raw, verbose or pretty");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            match tail(&brokers, &topics, count, idle.into(), format, &mut out) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("waymark tail: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Loadgen {
             journeys,
             events,

@@ -1,0 +1,404 @@
+//! Service configuration: embedded defaults, then the TOML file, then `WAYMARK_*` environment
+//! variables, then command-line flags. Unknown keys are refused and every problem is reported at
+//! once, naming the key and what to fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The defaults, as shipped in `config/waymark.toml`.
+pub const DEFAULTS: &str = include_str!("../config/waymark.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub state: StateConfig,
+    pub journeys: JourneysConfig,
+    pub metrics: MetricsConfig,
+    pub processing: ProcessingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub input_topics: Vec<String>,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub session_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TopicsConfig {
+    pub entries: String,
+    pub steps: String,
+    pub conversions: String,
+    pub dlq: String,
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+    pub sync: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JourneysConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsConfig {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProcessingConfig {
+    pub commit_interval_ms: u64,
+    pub commit_max_records: usize,
+    pub max_event_bytes: usize,
+    pub timer_tick_ms: u64,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Environment variables that are not configuration keys.
+const NOT_CONFIG: &[&str] = &["WAYMARK_LOG", "WAYMARK_BLESS", "WAYMARK_LOG_FORMAT"];
+
+/// Loads the configuration. `file`: an explicit path must exist; `overrides`: `(section.key,
+/// value)` pairs from flags; `env`: the environment (pass `std::env::vars()`).
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[(&str, Value)],
+) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let defaults: Table = DEFAULTS.parse().expect("embedded defaults parse");
+    let mut merged = defaults.clone();
+    if let Some(path) = file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => match text.parse::<Table>() {
+                Ok(t) => merge(
+                    &defaults,
+                    &mut merged,
+                    t,
+                    &path.display().to_string(),
+                    &mut errors,
+                ),
+                Err(e) => errors.push(format!("{}: not valid TOML: {e}", path.display())),
+            },
+            Err(e) => errors.push(format!(
+                "{}: cannot read the config file: {e}",
+                path.display()
+            )),
+        }
+    }
+    // Environment: WAYMARK_<SECTION>_<KEY>.
+    let mut env_table: BTreeMap<String, Table> = BTreeMap::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("WAYMARK_") else {
+            continue;
+        };
+        if NOT_CONFIG.contains(&name.as_str()) {
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        let section = defaults
+            .keys()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+            .cloned();
+        let Some(section) = section else {
+            errors.push(format!(
+                "environment variable {name}: no such setting (use WAYMARK_<SECTION>_<KEY> with a section of {})",
+                defaults.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+            continue;
+        };
+        let key = lower[section.len() + 1..].to_string();
+        let expected = defaults[&section].get(&key);
+        let v = match expected {
+            Some(Value::Array(_)) => Value::Array(
+                value
+                    .split(',')
+                    .map(|s| Value::String(s.trim().to_string()))
+                    .collect(),
+            ),
+            Some(Value::Integer(_)) => match value.trim().parse::<i64>() {
+                Ok(i) => Value::Integer(i),
+                Err(_) => Value::String(value),
+            },
+            Some(Value::Boolean(_)) => match value.trim() {
+                "true" | "1" => Value::Boolean(true),
+                "false" | "0" => Value::Boolean(false),
+                _ => Value::String(value),
+            },
+            _ => Value::String(value),
+        };
+        env_table.entry(section).or_default().insert(key, v);
+    }
+    let env_table: Table = env_table
+        .into_iter()
+        .map(|(k, v)| (k, Value::Table(v)))
+        .collect();
+    merge(
+        &defaults,
+        &mut merged,
+        env_table,
+        "environment",
+        &mut errors,
+    );
+    let mut flags = Table::new();
+    for (path, value) in overrides {
+        let (section, key) = path
+            .split_once('.')
+            .expect("flag overrides name section.key");
+        flags
+            .entry(section.to_string())
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .expect("sections are tables")
+            .insert(key.to_string(), value.clone());
+    }
+    merge(&defaults, &mut merged, flags, "flags", &mut errors);
+    // Types: each value must have the default's type.
+    for (section, keys) in &merged {
+        let Some(keys) = keys.as_table() else {
+            continue;
+        };
+        for (key, value) in keys {
+            let want = &defaults[section][key];
+            if std::mem::discriminant(want) != std::mem::discriminant(value) {
+                errors.push(format!(
+                    "{section}.{key}: expected {}, found {} ({value})",
+                    want.type_str(),
+                    value.type_str()
+                ));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let cfg: Config = match Value::Table(merged).try_into() {
+        Ok(c) => c,
+        Err(e) => return Err(ConfigErrors(vec![e.to_string()])),
+    };
+    cfg.check()?;
+    Ok(cfg)
+}
+
+fn merge(defaults: &Table, into: &mut Table, layer: Table, source: &str, errors: &mut Vec<String>) {
+    for (section, value) in layer {
+        let Some(known) = defaults.get(&section).and_then(Value::as_table) else {
+            errors.push(format!(
+                "{source}: unknown section [{section}]; sections are {}",
+                defaults.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+            continue;
+        };
+        let Value::Table(keys) = value else {
+            errors.push(format!("{source}: {section} must be a table"));
+            continue;
+        };
+        for (key, v) in keys {
+            if !known.contains_key(&key) {
+                errors.push(format!(
+                    "{source}: unknown key {section}.{key}; keys of [{section}] are {}",
+                    known.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+                continue;
+            }
+            into.get_mut(&section)
+                .and_then(Value::as_table_mut)
+                .expect("defaults have every section")
+                .insert(key, v);
+        }
+    }
+}
+
+impl Config {
+    /// Checks values beyond their types.
+    fn check(&self) -> Result<(), ConfigErrors> {
+        let mut e = Vec::new();
+        if self.kafka.brokers.trim().is_empty() {
+            e.push("kafka.brokers: empty; set host:port[,host:port]".to_string());
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            e.push("kafka.group_id: empty".to_string());
+        }
+        if self.kafka.input_topics.is_empty()
+            || self.kafka.input_topics.iter().any(|t| t.trim().is_empty())
+        {
+            e.push("kafka.input_topics: needs at least one non-empty topic name".to_string());
+        }
+        if self.kafka.partitions < 1 {
+            e.push(format!(
+                "kafka.partitions: {} must be at least 1",
+                self.kafka.partitions
+            ));
+        }
+        if self.kafka.replication_factor < 1 {
+            e.push(format!(
+                "kafka.replication_factor: {} must be at least 1",
+                self.kafka.replication_factor
+            ));
+        }
+        let t = &self.topics;
+        let outputs = [&t.entries, &t.steps, &t.conversions, &t.dlq, &t.route];
+        for (i, a) in outputs.iter().enumerate() {
+            if a.trim().is_empty() {
+                e.push(format!("topics: topic name #{} is empty", i + 1));
+            }
+            if self.kafka.input_topics.contains(a) {
+                e.push(format!(
+                    "topics: {a} is also an input topic; outputs and inputs must differ"
+                ));
+            }
+        }
+        if t.route == t.entries
+            || t.route == t.steps
+            || t.route == t.conversions
+            || t.route == t.dlq
+        {
+            e.push(format!(
+                "topics.route: {} must not be an output topic",
+                t.route
+            ));
+        }
+        if self.metrics.addr.parse::<std::net::SocketAddr>().is_err() {
+            e.push(format!(
+                "metrics.addr: {:?} is not host:port such as 127.0.0.1:9464",
+                self.metrics.addr
+            ));
+        }
+        if self.processing.commit_interval_ms == 0 {
+            e.push("processing.commit_interval_ms: must be at least 1".into());
+        }
+        if self.processing.commit_max_records == 0 {
+            e.push("processing.commit_max_records: must be at least 1".into());
+        }
+        if self.processing.timer_tick_ms == 0 || self.processing.timer_tick_ms > 1000 {
+            e.push("processing.timer_tick_ms: must be between 1 and 1000".into());
+        }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_contract_defaults() {
+        let c = load(None, env(&[]), &[]).unwrap();
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.group_id, "waymark");
+        assert_eq!(c.kafka.input_topics, ["events"]);
+        assert_eq!(c.topics.entries, "waymark.entries");
+        assert_eq!(c.topics.steps, "waymark.steps");
+        assert_eq!(c.topics.conversions, "waymark.conversions");
+        assert_eq!(c.topics.dlq, "waymark.dlq");
+        assert_eq!(c.topics.route, "waymark.route");
+        assert_eq!(c.state.dir, PathBuf::from("state"));
+        assert_eq!(c.journeys.dir, PathBuf::from("config/journeys"));
+        assert_eq!(c.metrics.addr, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "[kafka]\nbrokers = \"file:1\"\ngroup_id = \"g-file\"\n[state]\ndir = \"/s\"\n",
+        )
+        .unwrap();
+        let c = load(
+            Some(&f),
+            env(&[
+                ("WAYMARK_KAFKA_GROUP_ID", "g-env"),
+                ("WAYMARK_KAFKA_INPUT_TOPICS", "a, b"),
+                ("PATH", "/bin"),
+            ]),
+            &[("state.dir", Value::String("/flag".into()))],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "file:1");
+        assert_eq!(c.kafka.group_id, "g-env");
+        assert_eq!(c.kafka.input_topics, ["a", "b"]);
+        assert_eq!(c.state.dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "[kafka]\nbrokerz = \"x\"\npartitions = \"eight\"\n[metrics]\naddr = \"nowhere\"\n[extra]\na = 1\n",
+        )
+        .unwrap();
+        let e = load(
+            Some(&f),
+            env(&[("WAYMARK_STATE_DIRR", "x"), ("WAYMARK_NOPE", "1")]),
+            &[],
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for needle in [
+            "kafka.brokerz",
+            "kafka.partitions",
+            "[extra]",
+            "state.dirr",
+            "WAYMARK_NOPE",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        assert_eq!(e.0.len(), 5, "{text}");
+        // Value checks run once types are right.
+        let e = load(
+            None,
+            env(&[
+                ("WAYMARK_METRICS_ADDR", "nowhere"),
+                ("WAYMARK_TOPICS_DLQ", "events"),
+            ]),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let e = load(Some(Path::new("/no/such/waymark.toml")), env(&[]), &[]).unwrap_err();
+        assert!(e.to_string().contains("cannot read the config file"));
+    }
+}

@@ -1,0 +1,234 @@
+//! Kafka plumbing: client settings, user ownership (murmur2, as Kafka's default partitioner),
+//! topic creation, and the small `produce` / `tail` tools.
+//!
+//! - [`runtime`]: `waymark run`, the consumer-group service around the processor.
+
+pub mod runtime;
+pub mod tools;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::Config;
+
+/// Kafka's murmur2 (as in `org.apache.kafka.common.utils.Utils.murmur2`).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let chunks = len / 4;
+    for i in 0..chunks {
+        let b = &data[i * 4..i * 4 + 4];
+        let mut k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = &data[chunks * 4..];
+    if tail.len() == 3 {
+        h ^= (tail[2] as u32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition that owns `user`: murmur2 of the user id's text, as Kafka's default partitioner
+/// places a record keyed by it.
+pub fn owner_of(user: &str, partitions: i32) -> i32 {
+    ((murmur2(user.as_bytes()) & 0x7fff_ffff) as i64 % partitions as i64) as i32
+}
+
+/// Settings every waymark client shares.
+pub fn base_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "waymark")
+        .set("log_level", "4")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    c
+}
+
+/// Settings for a producer that places keyed records exactly as Kafka's default partitioner.
+pub fn producer_config(brokers: &str) -> ClientConfig {
+    let mut c = base_config(brokers);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set("message.timeout.ms", "60000")
+        .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random");
+    c
+}
+
+/// Partition counts of the topics that exist, by name.
+pub fn topic_partitions(brokers: &str, timeout: Duration) -> anyhow::Result<HashMap<String, i32>> {
+    let consumer: BaseConsumer = base_config(brokers)
+        .create()
+        .context("creating a metadata client")?;
+    let md = consumer
+        .fetch_metadata(None, timeout)
+        .with_context(|| format!("fetching metadata from {brokers}"))?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Creates the missing topics (`(name, partitions)`), then waits until every one is visible with
+/// a leader for each partition: a broker may answer UnknownTopicOrPartition for a moment after
+/// creation.
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[(String, i32)],
+    replication: i32,
+) -> anyhow::Result<HashMap<String, i32>> {
+    let timeout = Duration::from_secs(10);
+    let existing = topic_partitions(brokers, timeout)?;
+    let missing: Vec<&(String, i32)> = topics
+        .iter()
+        .filter(|(t, _)| !existing.contains_key(t))
+        .collect();
+    if !missing.is_empty() {
+        let admin: AdminClient<DefaultClientContext> = base_config(brokers)
+            .create()
+            .context("creating an admin client")?;
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(replication)))
+            .collect();
+        let results = admin
+            .create_topics(
+                new.iter(),
+                &AdminOptions::new().operation_timeout(Some(timeout)),
+            )
+            .await
+            .context("creating topics")?;
+        for r in results {
+            if let Err((topic, code)) = r {
+                if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                    bail!("cannot create topic {topic}: {code}");
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = topic_partitions(brokers, timeout)?;
+        if topics.iter().all(|(t, _)| now.contains_key(t)) {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            let absent: Vec<&str> = topics
+                .iter()
+                .filter(|(t, _)| !now.contains_key(t))
+                .map(|(t, _)| t.as_str())
+                .collect();
+            bail!("topics still not visible after 60 s: {}", absent.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates what `waymark run` needs and checks co-partitioning: every input topic and the route
+/// topic must have the same number of partitions. Returns that number.
+pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
+    let brokers = &cfg.kafka.brokers;
+    let existing = topic_partitions(brokers, Duration::from_secs(10))?;
+    // New input/route topics take the partition count of an existing input topic, if any.
+    let n = cfg
+        .kafka
+        .input_topics
+        .iter()
+        .find_map(|t| existing.get(t).copied())
+        .unwrap_or(cfg.kafka.partitions);
+    let mut wanted: Vec<(String, i32)> = cfg
+        .kafka
+        .input_topics
+        .iter()
+        .map(|t| (t.clone(), n))
+        .collect();
+    wanted.push((cfg.topics.route.clone(), n));
+    for t in [
+        &cfg.topics.entries,
+        &cfg.topics.steps,
+        &cfg.topics.conversions,
+        &cfg.topics.dlq,
+    ] {
+        wanted.push((t.clone(), cfg.kafka.partitions));
+    }
+    let now = ensure_topics(brokers, &wanted, cfg.kafka.replication_factor).await?;
+    let mut problems = Vec::new();
+    for t in cfg
+        .kafka
+        .input_topics
+        .iter()
+        .chain(std::iter::once(&cfg.topics.route))
+    {
+        let have = now[t];
+        if have != n {
+            problems.push(format!("{t} has {have} partitions"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "input and route topics must have the same number of partitions ({n}, as {} has), so that \
+             every user's state lives in one partition; but {}. Recreate the route topic with {n} \
+             partitions or use input topics of equal size.",
+            cfg.kafka.input_topics[0],
+            problems.join(", ")
+        );
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Vectors from Kafka's UtilsTest.
+        assert_eq!(murmur2(b"21"), -973932308);
+        assert_eq!(murmur2(b"foobar"), -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58897971
+        );
+        assert_eq!(murmur2(b"abc"), 479470107);
+    }
+
+    #[test]
+    fn owner_is_in_range() {
+        for u in ["1", "123", "user-42", ""] {
+            let p = owner_of(u, 8);
+            assert!((0..8).contains(&p));
+        }
+        assert_eq!(owner_of("anything", 1), 0);
+    }
+}

@@ -1,0 +1,240 @@
+//! Metrics and health: the Prometheus registry, typed helpers the runtime calls, and the HTTP
+//! endpoints `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric waymark exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounterVec,
+    pub matched: IntCounterVec,
+    pub entries: IntCounterVec,
+    pub steps: IntCounterVec,
+    pub conversions: IntCounterVec,
+    pub exits: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub routed: IntCounter,
+    pub timers_fired: IntCounter,
+    pub timer_lateness: Histogram,
+    pub latency: Histogram,
+    pub lag: IntGaugeVec,
+    pub active_sessions: IntGaugeVec,
+    pub rebalances: IntCounter,
+    pub partitions_assigned: IntGauge,
+    pub commit_seconds: HistogramVec,
+    pub ready: IntGauge,
+    pub ready_flag: AtomicBool,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ];
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "waymark_consumer_lag",
+                "Records behind the partition's high watermark",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(lag.clone())).expect("unique metric");
+        let active = IntGaugeVec::new(
+            Opts::new(
+                "waymark_active_sessions",
+                "Active sessions in the partitions this instance owns",
+            ),
+            &["journey"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(active.clone())).expect("unique metric");
+        let partitions = IntGauge::new(
+            "waymark_partitions_assigned",
+            "Partitions this instance owns",
+        )
+        .expect("valid metric");
+        r.register(Box::new(partitions.clone()))
+            .expect("unique metric");
+        let ready = IntGauge::new(
+            "waymark_ready",
+            "1 when assigned partitions are restored and consuming",
+        )
+        .expect("valid metric");
+        r.register(Box::new(ready.clone())).expect("unique metric");
+        let commit = HistogramVec::new(
+            HistogramOpts::new(
+                "waymark_commit_seconds",
+                "Time to make a batch durable: waiting for output acks, then the state write",
+            )
+            .buckets(latency_buckets.clone()),
+            &["phase"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(commit.clone())).expect("unique metric");
+        Arc::new(Metrics {
+            events_consumed: counter_vec(
+                &r,
+                "waymark_events_consumed_total",
+                "Input records consumed",
+                &["topic", "partition"],
+            ),
+            matched: counter_vec(
+                &r,
+                "waymark_journey_matched_total",
+                "Events whose trigger, wait or goal matched, per journey",
+                &["journey"],
+            ),
+            entries: counter_vec(&r, "waymark_entries_total", "Journey entries", &["journey"]),
+            steps: counter_vec(
+                &r,
+                "waymark_steps_total",
+                "Step advances",
+                &["journey", "reason"],
+            ),
+            conversions: counter_vec(
+                &r,
+                "waymark_conversions_total",
+                "Goal conversions",
+                &["journey", "goal"],
+            ),
+            exits: counter_vec(
+                &r,
+                "waymark_exits_total",
+                "Session exits",
+                &["journey", "reason"],
+            ),
+            refused: counter_vec(
+                &r,
+                "waymark_entries_refused_total",
+                "Matched triggers that did not start a session",
+                &["journey", "reason"],
+            ),
+            dead_letters: counter_vec(
+                &r,
+                "waymark_dead_letters_total",
+                "Input records sent to the dead-letter topic",
+                &["reason"],
+            ),
+            routed: counter(
+                &r,
+                "waymark_routed_total",
+                "Records forwarded to the partition that owns their user",
+            ),
+            timers_fired: counter(
+                &r,
+                "waymark_timers_fired_total",
+                "Timers fired (delays and wait timeouts)",
+            ),
+            timer_lateness: histogram(
+                &r,
+                "waymark_timer_lateness_seconds",
+                "Wall-clock time between a timer's due time and its firing",
+                latency_buckets.clone(),
+            ),
+            latency: histogram(
+                &r,
+                "waymark_processing_latency_seconds",
+                "Input record timestamp to output acknowledged",
+                latency_buckets,
+            ),
+            rebalances: counter(
+                &r,
+                "waymark_rebalances_total",
+                "Consumer group rebalances seen",
+            ),
+            lag,
+            active_sessions: active,
+            partitions_assigned: partitions,
+            commit_seconds: commit,
+            ready,
+            ready_flag: AtomicBool::new(false),
+            registry: r,
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready_flag.store(ready, Ordering::SeqCst);
+        self.ready.set(ready as i64);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready_flag.load(Ordering::SeqCst)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let m2 = metrics;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m1.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = m2.clone();
+                async move {
+                    if m.is_ready() {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,117 @@
+//! Wiring for `waymark run`: configuration, journeys, topics, the metrics endpoint, signals, and
+//! the processing thread. Returns the process exit code on failure.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tracing::{error, info};
+
+use crate::config;
+use crate::journey::load_dir;
+use crate::metrics::{self, Metrics};
+
+/// Runs the service; `Err(code)` says how the process should exit.
+pub fn run(config_file: Option<&Path>, overrides: &[(&str, toml::Value)]) -> Result<(), u8> {
+    let cfg = match config::load(config_file, std::env::vars(), overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("waymark run: {e}");
+            return Err(2);
+        }
+    };
+    let journeys = match load_dir(&cfg.journeys.dir) {
+        Ok(j) => Arc::new(j),
+        Err(e) => {
+            eprint!("waymark run: refusing to start: {e}");
+            return Err(2);
+        }
+    };
+    info!(journeys = journeys.len(), dir = %cfg.journeys.dir.display(), "journeys loaded");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("waymark run: cannot start the runtime: {e}");
+            return Err(1);
+        }
+    };
+    rt.block_on(async move {
+        let partitions = match crate::kafka::prepare_topics(&cfg).await {
+            Ok(n) => n,
+            Err(e) => {
+                error!("{e:#}");
+                eprintln!("waymark run: {e:#}");
+                return Err(1);
+            }
+        };
+        let metrics = Metrics::new();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let addr = cfg.metrics.addr.parse().expect("checked by config");
+        let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = {
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let r = metrics::serve(addr, m, async {
+                    let _ = stop_http_rx.await;
+                })
+                .await;
+                if let Err(e) = r {
+                    error!("metrics endpoint on {addr}: {e}");
+                }
+            })
+        };
+        {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                let mut signals = 0;
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    signals += 1;
+                    if signals == 1 {
+                        info!("signal received: draining (a second signal exits at once)");
+                        shutdown.store(true, Ordering::SeqCst);
+                    } else {
+                        error!("second signal: exiting without draining");
+                        std::process::exit(130);
+                    }
+                }
+            });
+        }
+        let worker = {
+            let (cfg, journeys, metrics, shutdown) = (
+                cfg.clone(),
+                journeys.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                crate::kafka::runtime::run(cfg, journeys, metrics, partitions, shutdown)
+            })
+        };
+        let result = worker.await;
+        let _ = stop_http_tx.send(());
+        let _ = server.await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                error!("stopping: {e:#}");
+                eprintln!("waymark run: {e:#}");
+                Err(1)
+            }
+            Err(e) => {
+                eprintln!("waymark run: the processing thread failed: {e}");
+                Err(1)
+            }
+        }
+    })
+}
