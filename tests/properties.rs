@@ -4,6 +4,8 @@
 //! - replay is deterministic;
 //! - a replay split in two over one state equals one run.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -251,7 +251,7 @@ impl Engine {
                         continue;
                     }
                     Ok(t) => t,
-                    Err(()) => {
+                    Err(BadTargets) => {
                         refuse(fx, Refusal::BadTargets);
                         continue;
                     }
@@ -507,23 +507,28 @@ fn id_matches(journey: &Journey, s: &Session, ev: &Event) -> bool {
     }
 }
 
+/// A `who` attribute of a shape that names no users (an object, a fraction, an array holding
+/// something other than strings and integers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadTargets;
+
 /// The users a `who: {attribute}` value names: one id or an array of ids, deduplicated in order.
 /// `Ok(empty)` for absent, null, "" or []; `Err` for any other shape.
-pub fn targets(v: Option<&Value>) -> Result<Vec<String>, ()> {
+pub fn targets(v: Option<&Value>) -> Result<Vec<String>, BadTargets> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
         Some(Value::Array(items)) => {
             let mut out: Vec<String> = Vec::with_capacity(items.len());
             for item in items {
-                let id = id_text(item).ok_or(())?;
+                let id = id_text(item).ok_or(BadTargets)?;
                 if !out.contains(&id) {
                     out.push(id);
                 }
             }
             Ok(out)
         }
-        Some(other) => id_text(other).map(|id| vec![id]).ok_or(()),
+        Some(other) => id_text(other).map(|id| vec![id]).ok_or(BadTargets),
     }
 }
 

@@ -1,0 +1,62 @@
+# waymark: `make help` lists the targets.
+SHELL := /bin/bash
+CARGO_TARGET_DIR ?= $(HOME)/.cache/waymark-target
+export CARGO_TARGET_DIR
+BROKER_PORT ?= 9092
+BROKERS := 127.0.0.1:$(BROKER_PORT)
+BIN := $(CARGO_TARGET_DIR)/release/waymark
+CARGO := cargo
+# One profile for everything (release), so RocksDB and librdkafka compile once.
+PROFILE := --release
+
+.PHONY: help deps build test test-unit lint broker broker-stop demo bench bench-core bench-replay bench-kafka chaos validate clean
+
+help: ## List the targets
+	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+deps: ## Install the system packages the build needs (Debian; run as root)
+	@missing=""; for p in cmake clang libclang-dev libcurl4-openssl-dev pkg-config build-essential; do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "system packages present"; fi
+
+build: ## Build the waymark binary (release)
+	$(CARGO) build $(PROFILE) --all-targets
+
+broker: ## Start the local test broker (tansu on sqlite), installing it if missing
+	@scripts/broker.sh start $(BROKER_PORT)
+
+broker-stop: ## Stop the local test broker
+	@scripts/broker.sh stop $(BROKER_PORT)
+
+validate: build ## Validate config/journeys
+	$(BIN) validate config/journeys
+
+lint: ## rustfmt and clippy (warnings are errors)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(PROFILE) --all-targets -- -D warnings
+
+test-unit: ## Unit, golden and property tests (no broker)
+	$(CARGO) test $(PROFILE) --lib --test golden --test properties --test cli
+
+test: deps build broker ## Everything: lint, unit, golden, property and broker tests
+	$(MAKE) --no-print-directory lint
+	WAYMARK_TEST_BROKERS=$(BROKERS) $(CARGO) test $(PROFILE) -- --test-threads 2
+
+demo: deps build broker ## End to end: broker, waymark run, the seed scenario's events, the output records
+	@scripts/demo.sh $(BROKERS)
+
+bench: bench-core bench-replay ## All benchmarks that need no broker
+
+bench-core: ## Criterion benchmarks of condition matching and the engine step
+	$(CARGO) bench --bench engine
+
+bench-replay: build ## 1M events, 100k users, 10 journeys through `waymark replay --state`
+	@scripts/bench-replay.sh $(BIN)
+
+bench-kafka: build broker ## 2M events through `waymark run` against the local broker
+	@scripts/bench-kafka.sh $(BIN) $(BROKERS)
+
+clean: ## Remove local state and broker data (not the cargo cache)
+	rm -rf state .run
