@@ -49,6 +49,9 @@ pub enum EventError {
     Oversize(usize, usize),
     #[error("no event time: the event has no timestamp and the record carries none")]
     NoTime,
+    /// The attribute a journey's `who` names holds no usable user ids.
+    #[error("bad target list: {0}")]
+    BadTargets(String),
 }
 
 impl EventError {
@@ -61,6 +64,7 @@ impl EventError {
             EventError::WrongType(_) => "wrong_type",
             EventError::Oversize(..) => "oversize",
             EventError::NoTime => "missing_field",
+            EventError::BadTargets(_) => "bad_targets",
         }
     }
 }

@@ -53,6 +53,17 @@ pub const HEADER_KIND: &str = "waymark-kind";
 pub const HEADER_EVENT_ID: &str = "waymark-event-id";
 pub const HEADER_RECORD_TIME: &str = "waymark-record-time";
 pub const HEADER_ERROR: &str = "waymark-error";
+pub const HEADER_SOURCE_TOPIC: &str = "waymark-source-topic";
+pub const HEADER_SOURCE_PARTITION: &str = "waymark-source-partition";
+pub const HEADER_SOURCE_OFFSET: &str = "waymark-source-offset";
+
+fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
+    m.headers().and_then(|h| {
+        h.iter()
+            .find(|x| x.key == name)
+            .and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+    })
+}
 
 fn now_ms() -> Millis {
     std::time::SystemTime::now()
@@ -66,6 +77,21 @@ fn now_ms() -> Millis {
 pub struct Delivery {
     failed: AtomicU64,
     last_error: Mutex<Option<String>>,
+}
+
+impl Delivery {
+    /// `Err` with the count and the last error if any delivery failed since the last check.
+    pub fn check(&self) -> Result<(), String> {
+        let failed = self.failed.swap(0, Ordering::SeqCst);
+        if failed == 0 {
+            return Ok(());
+        }
+        let last = self.last_error.lock().expect("not poisoned").clone();
+        Err(format!(
+            "{failed} record(s) not delivered (last error: {})",
+            last.unwrap_or_default()
+        ))
+    }
 }
 
 impl ClientContext for Delivery {}
@@ -161,13 +187,11 @@ impl Core {
                 .get_meta(&offset_key(topic))?
                 .and_then(|v| v.try_into().ok())
                 .map(i64::from_be_bytes);
-            let offset = match stored {
-                Some(next) => {
-                    part.next.insert(topic.clone(), next);
-                    Offset::Offset(next)
-                }
-                None => Offset::Stored,
-            };
+            // With no offset in the store, the partition's state is rebuilt from the start of the
+            // input (the group's committed offset is only progress, never ahead of the store).
+            let next = stored.unwrap_or(0);
+            part.next.insert(topic.clone(), next);
+            let offset = Offset::Offset(next);
             tpl.set_partition_offset(topic, *p, offset)?;
         }
         self.metrics
@@ -389,6 +413,22 @@ impl Core {
             };
             let owns = move |u: &str| owner_of(u, parts) == p;
             part.proc.on_event(&ev, &owns, &mut self.out)?;
+            let bad: Vec<&str> = self
+                .out
+                .refused
+                .iter()
+                .filter(|(_, r)| *r == crate::engine::Refusal::BadTargets)
+                .map(|(j, _)| j.as_str())
+                .collect();
+            if !bad.is_empty() {
+                // Still processed for everything else; the copy in the dead-letter topic says why
+                // nobody entered.
+                let err = EventError::BadTargets(format!(
+                    "the who attribute of journey(s) {} holds something other than user ids",
+                    bad.join(", ")
+                ));
+                self.dead_letter(m, &err);
+            }
         }
         self.publish(p, record_time, false);
         Ok(())
@@ -400,13 +440,7 @@ impl Core {
         p: i32,
         record_time: Option<Millis>,
     ) -> anyhow::Result<()> {
-        let header = |name: &str| -> Option<String> {
-            m.headers().and_then(|h| {
-                h.iter()
-                    .find(|x| x.key == name)
-                    .and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-            })
-        };
+        let header = |name: &str| header(m, name);
         let payload = m.payload().unwrap_or(&[]);
         match header(HEADER_KIND).as_deref() {
             Some("event") => {

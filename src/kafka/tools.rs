@@ -11,13 +11,14 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::runtime::Delivery;
 use super::{base_config, producer_config};
 
 /// Produces each non-blank line of `file` (or stdin for `-`) to `topic`, keyed by the line's
 /// `userId` when it has one. Returns how many records were acknowledged.
 pub fn produce(brokers: &str, topic: &str, file: &Path) -> anyhow::Result<u64> {
-    let producer: BaseProducer = producer_config(brokers)
-        .create()
+    let producer: BaseProducer<Delivery> = producer_config(brokers)
+        .create_with_context(Delivery::default())
         .context("creating a producer")?;
     let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -54,6 +55,10 @@ pub fn produce(brokers: &str, topic: &str, file: &Path) -> anyhow::Result<u64> {
     producer
         .flush(Duration::from_secs(60))
         .context("waiting for the broker to acknowledge")?;
+    producer
+        .context()
+        .check()
+        .map_err(|e| anyhow::anyhow!("{e} (does topic {topic} exist?)"))?;
     Ok(n)
 }
 

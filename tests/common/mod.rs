@@ -52,3 +52,6 @@ pub fn run_replay(
         String::from_utf8(err).unwrap(),
     )
 }
+
+#[path = "kafka.rs"]
+pub mod kafka;

@@ -1,0 +1,387 @@
+//! A harness for tests against a real Kafka-protocol broker: unique topics and groups per test,
+//! `waymark run` instances as child processes, producing and reading records.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use waymark::kafka::runtime::Delivery;
+
+/// The broker the tests use; `make test` starts one and sets this.
+pub fn brokers() -> String {
+    std::env::var("WAYMARK_TEST_BROKERS").expect(
+        "WAYMARK_TEST_BROKERS is not set: these tests need a Kafka-protocol broker; run them with `make test`",
+    )
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Topic names and a group unique to one test.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub events: String,
+    pub entries: String,
+    pub steps: String,
+    pub conversions: String,
+    pub dlq: String,
+    pub route: String,
+    pub group: String,
+}
+
+impl Names {
+    pub fn new(test: &str) -> Names {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let s = format!("{test}-{}-{n}-{t}", std::process::id());
+        Names {
+            events: format!("ev-{s}"),
+            entries: format!("entries-{s}"),
+            steps: format!("steps-{s}"),
+            conversions: format!("conv-{s}"),
+            dlq: format!("dlq-{s}"),
+            route: format!("route-{s}"),
+            group: format!("g-{s}"),
+        }
+    }
+
+    pub fn outputs(&self) -> Vec<String> {
+        vec![
+            self.entries.clone(),
+            self.steps.clone(),
+            self.conversions.clone(),
+        ]
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `waymark run` process.
+pub struct Instance {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+pub struct Setup {
+    pub names: Names,
+    pub journeys: PathBuf,
+    pub state: PathBuf,
+    pub partitions: i32,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Setup {
+    pub fn start(&self, tag: &str) -> Instance {
+        let port = free_port();
+        let log = self
+            .state
+            .parent()
+            .unwrap()
+            .join(format!("waymark-{tag}-{port}.log"));
+        let n = &self.names;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_waymark"));
+        cmd.arg("run")
+            .arg("--brokers")
+            .arg(brokers())
+            .arg("--group-id")
+            .arg(&n.group)
+            .arg("--input-topics")
+            .arg(&n.events)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--journeys-dir")
+            .arg(&self.journeys)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("WAYMARK_TOPICS_ENTRIES", &n.entries)
+            .env("WAYMARK_TOPICS_STEPS", &n.steps)
+            .env("WAYMARK_TOPICS_CONVERSIONS", &n.conversions)
+            .env("WAYMARK_TOPICS_DLQ", &n.dlq)
+            .env("WAYMARK_TOPICS_ROUTE", &n.route)
+            .env("WAYMARK_KAFKA_PARTITIONS", self.partitions.to_string())
+            .env("WAYMARK_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("WAYMARK_LOG", "info")
+            .env_remove("WAYMARK_TEST_BROKERS")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn waymark run");
+        Instance { child, port, log }
+    }
+}
+
+impl Instance {
+    fn http(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        Some((code, body))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http("/metrics").map(|x| x.1).unwrap_or_default()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.http("/readyz").is_some_and(|x| x.0 == 200)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.http("/healthz").is_some_and(|x| x.0 == 200)
+    }
+
+    /// Sum of a metric's samples (all label sets) whose line contains `filter`.
+    pub fn metric_sum(&self, name: &str, filter: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("waymark exited early ({status}):\n{}", self.log_text());
+            }
+            if self.ready() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("waymark not ready within {within:?}:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("waymark did not exit after SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn producer() -> BaseProducer<Delivery> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create_with_context(Delivery::default())
+        .unwrap()
+}
+
+/// Produces values keyed by their `userId` (or with an explicit key / partition).
+pub fn produce(topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) {
+    let p = producer();
+    for (key, partition, value) in records {
+        let mut r = BaseRecord::to(topic).payload(value.as_slice());
+        if let Some(k) = key {
+            r = r.key(k.as_str());
+        }
+        if let Some(part) = partition {
+            r = r.partition(*part);
+        }
+        loop {
+            match p.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    p.poll(Duration::from_millis(20));
+                    r = back;
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+    p.context().check().expect("every record delivered");
+}
+
+/// Produces JSON events keyed by userId.
+pub fn produce_events(topic: &str, events: &[serde_json::Value]) {
+    let recs: Vec<(Option<String>, Option<i32>, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            let key = waymark::event::id_text(&e["userId"]);
+            (key, None, e.to_string().into_bytes())
+        })
+        .collect();
+    produce(topic, &recs);
+}
+
+/// A record read back.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).unwrap()
+    }
+}
+
+/// Reads `topics` from the beginning until `done(records)` holds or `within` passes; returns
+/// everything read.
+pub fn read_until(topics: &[String], within: Duration, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set(
+            "group.id",
+            format!("reader-{}", COUNTER.fetch_add(1, Ordering::SeqCst)),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    // Topics may not exist yet.
+    let mut tpl = TopicPartitionList::new();
+    while Instant::now() < deadline {
+        let md = c.fetch_metadata(None, Duration::from_secs(5)).unwrap();
+        tpl = TopicPartitionList::new();
+        let mut found = 0;
+        for t in md.topics() {
+            if topics.iter().any(|x| x == t.name()) && !t.partitions().is_empty() {
+                found += 1;
+                for p in t.partitions() {
+                    tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)
+                        .unwrap();
+                }
+            }
+        }
+        if found == topics.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let mut last = Instant::now();
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for x in h.iter() {
+                    headers.insert(
+                        x.key.to_string(),
+                        x.value
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            got.push(Got {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or(&[]).to_vec(),
+                headers,
+            });
+        } else if last.elapsed() >= Duration::from_millis(1500) && done(&got) {
+            // Quiet for a moment and the condition holds: nothing more is on its way.
+            break;
+        }
+    }
+    got
+}
+
+/// The records `waymark replay` computes for these events, as JSON values.
+pub fn replay_records(
+    journeys: &Path,
+    events: &[serde_json::Value],
+    until: Option<i64>,
+) -> Vec<serde_json::Value> {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("events.jsonl");
+    std::fs::write(
+        &f,
+        events.iter().map(|e| format!("{e}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let (out, _) = super::run_replay(journeys, &f, until, None);
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Multiset of JSON values, as sorted strings.
+pub fn sorted(values: impl IntoIterator<Item = serde_json::Value>) -> Vec<String> {
+    let mut v: Vec<String> = values.into_iter().map(|x| x.to_string()).collect();
+    v.sort();
+    v
+}
