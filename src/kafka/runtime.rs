@@ -274,22 +274,27 @@ impl Core {
     fn dead_letter(&self, m: &BorrowedMessage<'_>, err: &EventError) {
         let reason = err.reason();
         self.metrics.dead_letters.with_label_values(&[reason]).inc();
+        // A forwarded event names where it was first read.
+        let topic = header(m, HEADER_SOURCE_TOPIC).unwrap_or_else(|| m.topic().to_string());
+        let partition =
+            header(m, HEADER_SOURCE_PARTITION).unwrap_or_else(|| m.partition().to_string());
+        let offset = header(m, HEADER_SOURCE_OFFSET).unwrap_or_else(|| m.offset().to_string());
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: HEADER_ERROR,
                 value: Some(&format!("{reason}: {err}")),
             })
             .insert(Header {
-                key: "waymark-source-topic",
-                value: Some(m.topic()),
+                key: HEADER_SOURCE_TOPIC,
+                value: Some(&topic),
             })
             .insert(Header {
-                key: "waymark-source-partition",
-                value: Some(&m.partition().to_string()),
+                key: HEADER_SOURCE_PARTITION,
+                value: Some(&partition),
             })
             .insert(Header {
-                key: "waymark-source-offset",
-                value: Some(&m.offset().to_string()),
+                key: HEADER_SOURCE_OFFSET,
+                value: Some(&offset),
             });
         let key = m
             .key()
@@ -368,6 +373,18 @@ impl Core {
                 .insert(Header {
                     key: HEADER_EVENT_ID,
                     value: Some(&default_id),
+                })
+                .insert(Header {
+                    key: HEADER_SOURCE_TOPIC,
+                    value: Some(m.topic()),
+                })
+                .insert(Header {
+                    key: HEADER_SOURCE_PARTITION,
+                    value: Some(&p.to_string()),
+                })
+                .insert(Header {
+                    key: HEADER_SOURCE_OFFSET,
+                    value: Some(&m.offset().to_string()),
                 });
             if let Some(t) = record_time {
                 headers = headers.insert(Header {
