@@ -193,15 +193,25 @@ pub fn load(
             }
         }
     }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
+    // Unknown keys were not merged, so the values can be checked even when some were refused;
+    // only a value of the wrong type stops that.
     let cfg: Config = match Value::Table(merged).try_into() {
         Ok(c) => c,
-        Err(e) => return Err(ConfigErrors(vec![e.to_string()])),
+        Err(e) => {
+            if errors.is_empty() {
+                errors.push(e.to_string());
+            }
+            return Err(ConfigErrors(errors));
+        }
     };
-    cfg.check()?;
-    Ok(cfg)
+    if let Err(ConfigErrors(mut more)) = cfg.check() {
+        errors.append(&mut more);
+    }
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn merge(defaults: &Table, into: &mut Table, layer: Table, source: &str, errors: &mut Vec<String>) {

@@ -1,0 +1,123 @@
+//! The `waymark` binary's commands as a user runs them: exit codes and messages.
+
+use std::path::Path;
+use std::process::Command;
+
+fn waymark(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_waymark"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("WAYMARK_TEST_BROKERS")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_accepts_the_shipped_journeys() {
+    let (code, out, _) = waymark(&["validate", "config/journeys"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ok: 8 journey(s)"), "{out}");
+}
+
+#[test]
+fn validate_reports_every_problem_with_file_and_path_and_exits_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("a.json"),
+        r#"{"id": "a", "application": "x", "entry": {"event": "E"},
+            "steps": [{"id": "s", "type": "delay", "duration": "soon", "next": "nowhere"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("b.json"), "{ not json").unwrap();
+    std::fs::write(
+        tmp.path().join("c.json"),
+        r#"{"id": "a", "application": "x", "entry": {"event": "E", "availability": {"start_date": "2026-12-24", "end_date": "2026-12-01", "timezone": "Europe/Nowhere"}}, "steps": [{"id": "x", "type": "exit"}]}"#,
+    )
+    .unwrap();
+    let (code, _, err) = waymark(&["validate", tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    for needle in [
+        "a.json: $.steps[0].duration",
+        "a.json: $.steps[0].next: unknown step id \"nowhere\"",
+        "b.json: $: not valid JSON",
+        "c.json: $.entry.availability.timezone: unknown IANA timezone",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn replay_reports_malformed_lines_with_their_number_and_goes_on() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/edge-malformed-lines");
+    let (code, out, err) = waymark(&[
+        "replay",
+        "--journeys",
+        dir.join("journeys").to_str().unwrap(),
+        "--events",
+        dir.join("events.jsonl").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(err.contains("line 1: not JSON"), "{err}");
+    assert!(err.contains("line 2: missing field"), "{err}");
+    assert!(err.contains("line 3: wrong type"), "{err}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+}
+
+#[test]
+fn replay_refuses_invalid_journeys_and_bad_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("bad.json"), r#"{"id": 1}"#).unwrap();
+    let (code, _, err) = waymark(&[
+        "replay",
+        "--journeys",
+        tmp.path().to_str().unwrap(),
+        "--events",
+        "/dev/null",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bad.json"), "{err}");
+    let (code, _, err) = waymark(&["replay", "--events", "/dev/null", "--until", "tomorrow"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("RFC 3339"), "{err}");
+    let (code, _, err) = waymark(&["replay", "--events", "/no/such/file.jsonl"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/no/such/file.jsonl"), "{err}");
+}
+
+#[test]
+fn run_refuses_bad_config_naming_every_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("w.toml");
+    std::fs::write(
+        &f,
+        "[kafka]\nbrokerz = \"x\"\n[metrics]\naddr = \"nowhere\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = waymark(&["run", "--config", f.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("kafka.brokerz"), "{err}");
+    assert!(err.contains("metrics.addr"), "{err}");
+}
+
+#[test]
+fn run_refuses_invalid_journeys() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("bad.json"), r#"{"id": "x"}"#).unwrap();
+    let (code, _, err) = waymark(&[
+        "run",
+        "--journeys-dir",
+        tmp.path().to_str().unwrap(),
+        "--brokers",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("refusing to start") && err.contains("bad.json"),
+        "{err}"
+    );
+}
