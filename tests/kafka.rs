@@ -155,9 +155,11 @@ fn entries_and_events_reach_the_partition_that_owns_the_user() {
             json!({"application": "app", "event": "Invite", "userId": "sender", "attributes": {"targets": targets}, "timestamp": t0, "eventId": "inv"}),
         ],
     );
-    let entries = read_until(&[s.names.entries.clone()], Duration::from_secs(60), |g| {
-        g.len() >= 40
-    });
+    let entries = read_until(
+        std::slice::from_ref(&s.names.entries),
+        Duration::from_secs(60),
+        |g| g.len() >= 40,
+    );
     let users: HashSet<String> = entries
         .iter()
         .map(|g| g.json()["user_id"].as_str().unwrap().to_string())
@@ -174,9 +176,11 @@ fn entries_and_events_reach_the_partition_that_owns_the_user() {
         })
         .collect();
     produce(&s.names.events, &wrong);
-    let steps = read_until(&[s.names.steps.clone()], Duration::from_secs(60), |g| {
-        g.len() >= 80
-    });
+    let steps = read_until(
+        std::slice::from_ref(&s.names.steps),
+        Duration::from_secs(60),
+        |g| g.len() >= 80,
+    );
     let advanced: HashSet<String> = steps
         .iter()
         .map(Got::json)
@@ -263,9 +267,11 @@ fn two_instances_split_partitions_and_one_carries_on_when_the_other_stops() {
         .map(|u| json!({"application": "app", "event": "Placed", "userId": u, "attributes": {"order": 1}, "timestamp": t0 + u as i64, "eventId": format!("p{u}")}))
         .collect();
     produce_events(&s.names.events, &placed);
-    let entries = read_until(&[s.names.entries.clone()], Duration::from_secs(60), |g| {
-        g.len() >= users
-    });
+    let entries = read_until(
+        std::slice::from_ref(&s.names.entries),
+        Duration::from_secs(60),
+        |g| g.len() >= users,
+    );
     assert_eq!(entries.len(), users);
     assert!(b.stop().success(), "b exits 0 on SIGTERM");
     // a takes over b's partitions with their state and continues every session.
@@ -273,9 +279,11 @@ fn two_instances_split_partitions_and_one_carries_on_when_the_other_stops() {
         .map(|u| json!({"application": "app", "event": "Ready", "userId": u, "attributes": {"order": 1}, "timestamp": t0 + 100_000 + u as i64, "eventId": format!("r{u}")}))
         .collect();
     produce_events(&s.names.events, &ready);
-    let steps = read_until(&[s.names.steps.clone()], Duration::from_secs(90), |g| {
-        g.iter().filter(|x| x.json()["reason"] == "trigger").count() >= users
-    });
+    let steps = read_until(
+        std::slice::from_ref(&s.names.steps),
+        Duration::from_secs(90),
+        |g| g.iter().filter(|x| x.json()["reason"] == "trigger").count() >= users,
+    );
     let advanced: HashSet<String> = steps
         .iter()
         .map(Got::json)
@@ -391,9 +399,11 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
     }
     recs.push((Some("2".into()), Some(0), good(2, "g2")));
     produce(&s.names.events, &recs);
-    let dlq = read_until(&[s.names.dlq.clone()], Duration::from_secs(60), |g| {
-        g.len() >= bad.len()
-    });
+    let dlq = read_until(
+        std::slice::from_ref(&s.names.dlq),
+        Duration::from_secs(60),
+        |g| g.len() >= bad.len(),
+    );
     assert_eq!(dlq.len(), bad.len(), "{dlq:?}");
     for (reason, bytes) in &bad {
         let d = dlq
@@ -407,9 +417,11 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
         assert!(d.headers["waymark-source-offset"].parse::<i64>().is_ok());
     }
     // Nothing else was affected: both good invitations entered.
-    let entries = read_until(&[s.names.entries.clone()], Duration::from_secs(30), |g| {
-        g.len() >= 2
-    });
+    let entries = read_until(
+        std::slice::from_ref(&s.names.entries),
+        Duration::from_secs(30),
+        |g| g.len() >= 2,
+    );
     let users: HashSet<String> = entries
         .iter()
         .map(|g| g.json()["user_id"].as_str().unwrap().to_string())
@@ -447,9 +459,11 @@ fn a_timer_fires_on_the_wall_clock_while_idle() {
             json!({"application": "app", "event": "Start", "userId": 7, "timestamp": t, "eventId": "s"}),
         ],
     );
-    let steps = read_until(&[s.names.steps.clone()], Duration::from_secs(30), |g| {
-        g.len() >= 2
-    });
+    let steps = read_until(
+        std::slice::from_ref(&s.names.steps),
+        Duration::from_secs(30),
+        |g| g.len() >= 2,
+    );
     let fired_after = now_ms() - t;
     assert!(
         steps.len() >= 2,
