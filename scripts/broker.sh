@@ -33,10 +33,15 @@ case "$cmd" in
       echo "a broker already answers on 127.0.0.1:$port; using it"
       exit 0
     fi
-    (cd "$run" && nohup tansu broker \
+    (
+      cd "$run"
+      # `&` on the command alone, so $! is tansu's own pid.
+      nohup tansu broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine "sqlite://tansu-$port.db" > "tansu-$port.log" 2>&1 & echo $! > "$pidfile")
+        --storage-engine "sqlite://tansu-$port.db" > "tansu-$port.log" 2>&1 &
+      echo $! > "$pidfile"
+    )
     for _ in $(seq 1 150); do
       if ready; then
         echo "broker ready on 127.0.0.1:$port (pid $(cat "$pidfile"), log $run/tansu-$port.log)"
