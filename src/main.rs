@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use waymark::journey::load_dir;
 use waymark::replay::{replay, ReplayOptions};
 use waymark::time::parse_rfc3339;

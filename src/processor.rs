@@ -5,6 +5,7 @@
 //! cares about), runs the pure [`Engine`], and stages what changed in [`State`]. It knows nothing
 //! of Kafka: `waymark replay` and `waymark run` both drive it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::engine::{Effects, Engine, EntryIntent, Refusal, UserSessions};
@@ -48,8 +49,14 @@ pub struct Processor<S: Store> {
     state: State<S>,
     /// The earliest timer's due time, kept so events need no store access to know none is due.
     next_timer: Option<Millis>,
+    /// Due timers read ahead in one scan, fired in order; dropped when a new timer would sort
+    /// before the last of them.
+    due: VecDeque<TimerRef>,
     fx: Effects,
 }
+
+/// Due timers read per scan.
+const DUE_BATCH: usize = 256;
 
 impl<S: Store> Processor<S> {
     pub fn new(journeys: Arc<JourneySet>, state: State<S>) -> Result<Processor<S>, StoreError> {
@@ -58,6 +65,7 @@ impl<S: Store> Processor<S> {
             engine: Engine::new(journeys),
             state,
             next_timer,
+            due: VecDeque::new(),
             fx: Effects::default(),
         })
     }
@@ -93,6 +101,9 @@ impl<S: Store> Processor<S> {
     fn note_timer(&mut self, due: Option<Millis>) {
         if let Some(d) = due {
             self.next_timer = Some(self.next_timer.map_or(d, |n| n.min(d)));
+            if self.due.back().is_some_and(|last| d < last.due) {
+                self.due.clear();
+            }
         }
     }
 
@@ -104,20 +115,20 @@ impl<S: Store> Processor<S> {
     /// tombstones of fired timers.
     pub fn fire_due(&mut self, upto: Millis, out: &mut Output) -> Result<(), StoreError> {
         while let Some(from) = self.next_timer.filter(|&n| n <= upto) {
-            match self.state.first_timer(from)? {
-                Some(t) if t.due <= upto => {
-                    self.next_timer = Some(t.due);
-                    self.fire(t, out)?;
-                }
-                Some(t) => {
-                    self.next_timer = Some(t.due);
-                    break;
-                }
-                None => {
-                    self.next_timer = None;
-                    break;
-                }
+            if self.due.front().is_some_and(|t| t.due > upto) {
+                self.due.clear();
             }
+            if self.due.is_empty() {
+                let (batch, after) = self.state.due_timers(from, upto, DUE_BATCH)?;
+                if batch.is_empty() {
+                    self.next_timer = after;
+                    break;
+                }
+                self.due.extend(batch);
+            }
+            let t = self.due.pop_front().expect("not empty");
+            self.next_timer = Some(t.due);
+            self.fire(t, out)?;
         }
         Ok(())
     }
@@ -127,8 +138,9 @@ impl<S: Store> Processor<S> {
         let sessions = self.state.user_sessions(&t.application, &t.user_id)?;
         let mut us = UserSessions::new(sessions);
         if let Some(ix) = us.find(&t.journey_id, t.key.as_deref()) {
-            self.engine.fire_timer(&mut us, ix, t.due, &mut self.fx);
-            out.timers_fired.push(t.due);
+            if self.engine.fire_timer(&mut us, ix, t.due, &mut self.fx) {
+                out.timers_fired.push(t.due);
+            }
         }
         let due = self.state.stage_changes(&t.application, us.changes());
         self.note_timer(due);
@@ -222,6 +234,7 @@ impl<S: Store> Processor<S> {
     /// Drops everything staged (an aborted batch) and re-reads the timer index.
     pub fn discard(&mut self) -> Result<(), StoreError> {
         self.state.discard();
+        self.due.clear();
         self.reload_next_timer()
     }
 }

@@ -331,16 +331,22 @@ impl Engine {
     }
 
     /// Fires the timer due at `due` of session `ix`; a timer the session no longer waits for is
-    /// ignored.
-    pub fn fire_timer(&self, us: &mut UserSessions, ix: usize, due: Millis, fx: &mut Effects) {
+    /// ignored. Returns whether it fired.
+    pub fn fire_timer(
+        &self,
+        us: &mut UserSessions,
+        ix: usize,
+        due: Millis,
+        fx: &mut Effects,
+    ) -> bool {
         if !us.is_active(ix) || us.session(ix).timer != Some(due) {
-            return;
+            return false;
         }
         let Some(journey) = self.journeys.get(&us.session(ix).journey_id).cloned() else {
-            return;
+            return false;
         };
         let Some(step_ix) = journey.step_ix(&us.session(ix).step) else {
-            return;
+            return false;
         };
         us.session_mut(ix).timer = None;
         let cause = Cause {
@@ -370,6 +376,7 @@ impl Engine {
             }
             _ => {}
         }
+        true
     }
 
     /// Moves session `ix` from `from` to `to` (or ends it when `to` is `None`).

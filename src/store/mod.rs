@@ -8,7 +8,7 @@
 
 pub mod rocks;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::engine::{Change, Session};
 use crate::time::Millis;
@@ -234,7 +234,14 @@ pub struct State<S: Store> {
     store: S,
     pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 3],
     staged_ops: usize,
+    /// Decoded sessions by user prefix, kept in step with every staged change, so a busy user's
+    /// sessions are read from the store once. Cleared whole when it outgrows its capacity.
+    cache: HashMap<Vec<u8>, Vec<Session>>,
+    cache_capacity: usize,
 }
+
+/// Users whose sessions [`State`] keeps decoded in memory.
+pub const DEFAULT_CACHE_USERS: usize = 200_000;
 
 fn slot(t: Table) -> usize {
     match t {
@@ -250,6 +257,8 @@ impl<S: Store> State<S> {
             store,
             pending: Default::default(),
             staged_ops: 0,
+            cache: HashMap::new(),
+            cache_capacity: DEFAULT_CACHE_USERS,
         }
     }
 
@@ -262,9 +271,24 @@ impl<S: Store> State<S> {
         self.staged_ops
     }
 
+    /// Stages a raw write. A session written this way (not through [`State::stage_changes`])
+    /// empties the session cache.
     pub fn stage(&mut self, table: Table, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if table == Table::Sessions {
+            self.cache.clear();
+        }
+        self.stage_raw(table, key, value);
+    }
+
+    fn stage_raw(&mut self, table: Table, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.pending[slot(table)].insert(key, value);
         self.staged_ops += 1;
+    }
+
+    /// Sets how many users' sessions are cached (0 turns the cache off).
+    pub fn set_cache_capacity(&mut self, users: usize) {
+        self.cache_capacity = users;
+        self.cache.clear();
     }
 
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -339,9 +363,12 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    /// All sessions of (application, user): one prefix scan.
-    pub fn user_sessions(&self, application: &str, user: &str) -> Result<Vec<Session>> {
+    /// All sessions of (application, user): from the cache, or one prefix scan.
+    pub fn user_sessions(&mut self, application: &str, user: &str) -> Result<Vec<Session>> {
         let prefix = user_prefix(application, user);
+        if let Some(hit) = self.cache.get(&prefix) {
+            return Ok(hit.clone());
+        }
         let mut out = Vec::new();
         let mut err = None;
         self.scan(Table::Sessions, &prefix, Some(&prefix), &mut |k, v| {
@@ -357,9 +384,33 @@ impl<S: Store> State<S> {
             }
             true
         })?;
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if self.cache_capacity > 0 {
+            if self.cache.len() >= self.cache_capacity {
+                self.cache.clear();
+            }
+            self.cache.insert(prefix, out.clone());
+        }
+        Ok(out)
+    }
+
+    /// Keeps a cached user's sessions in step with a staged change.
+    fn cache_apply(&mut self, application: &str, session: &Session, deleted: bool) {
+        let prefix = user_prefix(application, &session.user_id);
+        if let Some(list) = self.cache.get_mut(&prefix) {
+            let pos = list
+                .iter()
+                .position(|s| s.journey_id == session.journey_id && s.key == session.key);
+            match (pos, deleted) {
+                (Some(i), true) => {
+                    list.remove(i);
+                }
+                (Some(i), false) => list[i] = session.clone(),
+                (None, false) => list.push(session.clone()),
+                (None, true) => {}
+            }
         }
     }
 
@@ -437,42 +488,64 @@ impl<S: Store> State<S> {
                     let key = session.key.as_deref();
                     let (user, journey) = (&session.user_id, &session.journey_id);
                     if let Some(old) = old_timer.filter(|&o| Some(o) != session.timer) {
-                        self.stage(
-                            Table::Timers,
-                            timer_key(old, application, user, journey, key),
-                            None,
-                        );
+                        let tk = timer_key(old, application, user, journey, key);
+                        self.stage_raw(Table::Timers, tk, None);
                     }
                     if let Some(due) = session.timer {
                         if Some(due) != old_timer {
                             let tk = timer_key(due, application, user, journey, key);
-                            self.stage(Table::Timers, tk, Some(Vec::new()));
+                            self.stage_raw(Table::Timers, tk, Some(Vec::new()));
                         }
                         earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
                     }
                     let sk = session_key(application, user, journey, key);
                     let value = serde_json::to_vec(&session).expect("sessions always serialise");
-                    self.stage(Table::Sessions, sk, Some(value));
+                    self.stage_raw(Table::Sessions, sk, Some(value));
+                    self.cache_apply(application, &session, false);
                 }
                 Change::Delete { session, old_timer } => {
                     let key = session.key.as_deref();
                     let (user, journey) = (&session.user_id, &session.journey_id);
                     if let Some(old) = old_timer {
-                        self.stage(
-                            Table::Timers,
-                            timer_key(old, application, user, journey, key),
-                            None,
-                        );
+                        let tk = timer_key(old, application, user, journey, key);
+                        self.stage_raw(Table::Timers, tk, None);
                     }
-                    self.stage(
-                        Table::Sessions,
-                        session_key(application, user, journey, key),
-                        None,
-                    );
+                    let sk = session_key(application, user, journey, key);
+                    self.stage_raw(Table::Sessions, sk, None);
+                    self.cache_apply(application, &session, true);
                 }
             }
         }
         earliest
+    }
+
+    /// Timers due in `[from, upto]`, earliest first, at most `limit`; and, when the scan stopped at
+    /// a timer due after `upto`, that timer's due time.
+    pub fn due_timers(
+        &self,
+        from: Millis,
+        upto: Millis,
+        limit: usize,
+    ) -> Result<(Vec<TimerRef>, Option<Millis>)> {
+        let mut out = Vec::new();
+        let mut after = None;
+        self.scan(
+            Table::Timers,
+            &due_bytes(from),
+            None,
+            &mut |k, _| match decode_timer_key(k) {
+                Some(t) if t.due <= upto => {
+                    out.push(t);
+                    out.len() < limit
+                }
+                Some(t) => {
+                    after = Some(t.due);
+                    false
+                }
+                None => true,
+            },
+        )?;
+        Ok((out, after))
     }
 
     /// The staged writes as one batch, in table and key order (what a changelog would carry).
@@ -501,8 +574,9 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    /// Drops everything staged.
+    /// Drops everything staged (and the session cache, which may hold staged changes).
     pub fn discard(&mut self) {
+        self.cache.clear();
         for p in &mut self.pending {
             p.clear();
         }
