@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# bench-kafka: pre-produce N events (default 2M; 1M users, 10 journeys, ~30% touching a journey)
+# into an 8-partition topic, then time one `waymark run` from offset 0 until every input record is
+# consumed, and, beside it, a consume-only pass over the same topic (`waymark tail`). Prints
+# events/s for both and waymark's peak RSS.
+set -euo pipefail
+bin=${1:?usage: bench-kafka.sh WAYMARK_BINARY [BROKERS]}
+brokers=${2:-127.0.0.1:9092}
+count=${BENCH_EVENTS:-2000000}
+users=${BENCH_USERS:-1000000}
+dir=${BENCH_DIR:-$HOME/.cache/waymark-bench}/kafka-$count
+mkdir -p "$dir"
+suffix=$(date +%s)
+topic="bench-events-$suffix"
+if [ ! -s "$dir/events.jsonl" ]; then
+  "$bin" loadgen --journeys "$dir/journeys" --events "$dir/events.jsonl" --count "$count" --users "$users"
+fi
+export WAYMARK_KAFKA_INPUT_TOPICS="$topic" WAYMARK_KAFKA_PARTITIONS=8
+export WAYMARK_TOPICS_ENTRIES="bench-entries-$suffix" WAYMARK_TOPICS_STEPS="bench-steps-$suffix"
+export WAYMARK_TOPICS_CONVERSIONS="bench-conv-$suffix" WAYMARK_TOPICS_DLQ="bench-dlq-$suffix"
+export WAYMARK_TOPICS_ROUTE="bench-route-$suffix"
+port=9470
+# Create the topics (waymark does so at start), then stop it before producing.
+"$bin" run --brokers "$brokers" --group-id "bench-setup-$suffix" --journeys-dir "$dir/journeys" \
+  --state-dir "$dir/setup-state" --metrics-addr "127.0.0.1:$port" > "$dir/setup.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+kill -TERM $pid; wait $pid || true
+echo "producing $count events to $topic..."
+t0=$(date +%s.%N)
+"$bin" produce --brokers "$brokers" --topic "$topic" "$dir/events.jsonl"
+t1=$(date +%s.%N)
+echo "produce: $(echo "$count / ($t1 - $t0)" | bc) events/s"
+
+echo "consume-only pass..."
+t0=$(date +%s.%N)
+"$bin" tail --brokers "$brokers" --count "$count" --idle 20s "$topic" > /dev/null
+t1=$(date +%s.%N)
+consume_rate=$(echo "$count / ($t1 - $t0)" | bc)
+echo "consume-only: $consume_rate events/s"
+
+echo "waymark run from offset 0..."
+rm -rf "$dir/state"
+t0=$(date +%s.%N)
+/usr/bin/time -v "$bin" run --brokers "$brokers" --group-id "bench-$suffix" --journeys-dir "$dir/journeys" \
+  --state-dir "$dir/state" --metrics-addr "127.0.0.1:$port" > "$dir/run.log" 2> "$dir/time.txt" &
+pid=$!
+consumed=0
+while [ "$consumed" -lt "$count" ]; do
+  sleep 0.5
+  consumed=$(curl -s "127.0.0.1:$port/metrics" | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
+  kill -0 $pid 2>/dev/null || { echo "waymark exited early"; tail "$dir/time.txt"; exit 1; }
+done
+t1=$(date +%s.%N)
+# SIGTERM to waymark itself (the child of /usr/bin/time), so time reports its peak RSS.
+pkill -TERM -P $pid || true
+wait $pid || true
+run_rate=$(echo "$count / ($t1 - $t0)" | bc)
+echo "waymark run: $run_rate events/s ($(echo "scale=1; 100 * $run_rate / $consume_rate" | bc)% of consume-only)"
+echo "peak RSS: $(awk '/Maximum resident/ {printf "%.0f MiB", $6/1024}' "$dir/time.txt")"
