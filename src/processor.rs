@@ -49,8 +49,8 @@ pub struct Processor<S: Store> {
     state: State<S>,
     /// The earliest timer's due time, kept so events need no store access to know none is due.
     next_timer: Option<Millis>,
-    /// Due timers read ahead in one scan, fired in order; dropped when a new timer would sort
-    /// before the last of them.
+    /// The next timers, read ahead in one scan and fired in order; dropped when a new timer would
+    /// sort before the last of them. An entry whose session has moved on is skipped when fired.
     due: VecDeque<TimerRef>,
     fx: Effects,
 }
@@ -115,18 +115,22 @@ impl<S: Store> Processor<S> {
     /// tombstones of fired timers.
     pub fn fire_due(&mut self, upto: Millis, out: &mut Output) -> Result<(), StoreError> {
         while let Some(from) = self.next_timer.filter(|&n| n <= upto) {
-            if self.due.front().is_some_and(|t| t.due > upto) {
-                self.due.clear();
-            }
-            if self.due.is_empty() {
-                let (batch, after) = self.state.due_timers(from, upto, DUE_BATCH)?;
+            let Some(front) = self.due.front() else {
+                // Read the next timers ahead, due or not: later events fire them without a scan.
+                let batch = self.state.timers_from(from, DUE_BATCH)?;
                 if batch.is_empty() {
-                    self.next_timer = after;
+                    self.next_timer = None;
                     break;
                 }
                 self.due.extend(batch);
+                continue;
+            };
+            if front.due > upto {
+                self.next_timer = Some(front.due);
+                break;
             }
             let t = self.due.pop_front().expect("not empty");
+            // Every live timer is due at or after this one (new ones lower the bound).
             self.next_timer = Some(t.due);
             self.fire(t, out)?;
         }

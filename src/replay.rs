@@ -157,7 +157,7 @@ pub fn replay(
         }
         for r in output.records.drain(..) {
             stats.records += 1;
-            out.write_all(r.to_json().as_bytes())?;
+            serde_json::to_writer(&mut *out, &r)?;
             out.write_all(b"\n")?;
         }
         output.clear();
@@ -172,7 +172,7 @@ pub fn replay(
         proc.fire_due(until, &mut output)?;
         for r in output.records.drain(..) {
             stats.records += 1;
-            out.write_all(r.to_json().as_bytes())?;
+            serde_json::to_writer(&mut *out, &r)?;
             out.write_all(b"\n")?;
         }
     }

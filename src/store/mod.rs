@@ -519,33 +519,16 @@ impl<S: Store> State<S> {
         earliest
     }
 
-    /// Timers due in `[from, upto]`, earliest first, at most `limit`; and, when the scan stopped at
-    /// a timer due after `upto`, that timer's due time.
-    pub fn due_timers(
-        &self,
-        from: Millis,
-        upto: Millis,
-        limit: usize,
-    ) -> Result<(Vec<TimerRef>, Option<Millis>)> {
+    /// The timers due at or after `from`, earliest first, at most `limit`.
+    pub fn timers_from(&self, from: Millis, limit: usize) -> Result<Vec<TimerRef>> {
         let mut out = Vec::new();
-        let mut after = None;
-        self.scan(
-            Table::Timers,
-            &due_bytes(from),
-            None,
-            &mut |k, _| match decode_timer_key(k) {
-                Some(t) if t.due <= upto => {
-                    out.push(t);
-                    out.len() < limit
-                }
-                Some(t) => {
-                    after = Some(t.due);
-                    false
-                }
-                None => true,
-            },
-        )?;
-        Ok((out, after))
+        self.scan(Table::Timers, &due_bytes(from), None, &mut |k, _| {
+            if let Some(t) = decode_timer_key(k) {
+                out.push(t);
+            }
+            out.len() < limit
+        })?;
+        Ok(out)
     }
 
     /// The staged writes as one batch, in table and key order (what a changelog would carry).
@@ -570,13 +553,17 @@ impl<S: Store> State<S> {
         }
         let batch = self.staged_batch();
         self.store.write(&batch)?;
-        self.discard();
+        self.clear_pending();
         Ok(())
     }
 
     /// Drops everything staged (and the session cache, which may hold staged changes).
     pub fn discard(&mut self) {
         self.cache.clear();
+        self.clear_pending();
+    }
+
+    fn clear_pending(&mut self) {
         for p in &mut self.pending {
             p.clear();
         }
