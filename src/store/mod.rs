@@ -551,9 +551,18 @@ impl<S: Store> State<S> {
         if self.staged_ops == 0 {
             return Ok(());
         }
-        let batch = self.staged_batch();
+        let mut batch = Batch::default();
+        for t in Table::ALL {
+            for (key, value) in std::mem::take(&mut self.pending[slot(t)]) {
+                batch.ops.push(Put {
+                    table: t,
+                    key,
+                    value,
+                });
+            }
+        }
+        self.staged_ops = 0;
         self.store.write(&batch)?;
-        self.clear_pending();
         Ok(())
     }
 
