@@ -426,30 +426,6 @@ impl<S: Store> State<S> {
         })
     }
 
-    /// The earliest timer due at or after `from`. Callers pass a lower bound of every live
-    /// timer, so the scan starts past the tombstones of timers already fired.
-    pub fn first_timer(&self, from: Millis) -> Result<Option<TimerRef>> {
-        let mut first = None;
-        self.scan(Table::Timers, &due_bytes(from), None, &mut |k, _| {
-            first = decode_timer_key(k);
-            false
-        })?;
-        Ok(first)
-    }
-
-    /// Every timer, earliest first (for inspection).
-    pub fn all_timers(&self, f: &mut dyn FnMut(TimerRef) -> bool) -> Result<()> {
-        self.scan(
-            Table::Timers,
-            &[],
-            None,
-            &mut |k, _| match decode_timer_key(k) {
-                Some(t) => f(t),
-                None => true,
-            },
-        )
-    }
-
     /// The earliest timer's due time.
     pub fn next_timer(&self) -> Result<Option<Millis>> {
         let mut next = None;
@@ -529,21 +505,6 @@ impl<S: Store> State<S> {
             out.len() < limit
         })?;
         Ok(out)
-    }
-
-    /// The staged writes as one batch, in table and key order (what a changelog would carry).
-    pub fn staged_batch(&self) -> Batch {
-        let mut batch = Batch::default();
-        for t in Table::ALL {
-            for (k, v) in &self.pending[slot(t)] {
-                batch.ops.push(Put {
-                    table: t,
-                    key: k.clone(),
-                    value: v.clone(),
-                });
-            }
-        }
-        batch
     }
 
     /// Writes everything staged to the store in one atomic batch.
