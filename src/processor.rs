@@ -60,7 +60,7 @@ const DUE_BATCH: usize = 256;
 
 impl<S: Store> Processor<S> {
     pub fn new(journeys: Arc<JourneySet>, state: State<S>) -> Result<Processor<S>, StoreError> {
-        let next_timer = state.next_timer()?;
+        let next_timer = state.next_timer();
         Ok(Processor {
             engine: Engine::new(journeys),
             state,
@@ -94,7 +94,7 @@ impl<S: Store> Processor<S> {
 
     /// Re-reads the earliest timer from the state (after a discard or a restore).
     pub fn reload_next_timer(&mut self) -> Result<(), StoreError> {
-        self.next_timer = self.state.next_timer()?;
+        self.next_timer = self.state.next_timer();
         Ok(())
     }
 
@@ -117,7 +117,7 @@ impl<S: Store> Processor<S> {
         while let Some(from) = self.next_timer.filter(|&n| n <= upto) {
             let Some(front) = self.due.front() else {
                 // Read the next timers ahead, due or not: later events fire them without a scan.
-                let batch = self.state.timers_from(from, DUE_BATCH)?;
+                let batch = self.state.timers_from(from, DUE_BATCH);
                 if batch.is_empty() {
                     self.next_timer = None;
                     break;
@@ -138,7 +138,7 @@ impl<S: Store> Processor<S> {
     }
 
     fn fire(&mut self, t: TimerRef, out: &mut Output) -> Result<(), StoreError> {
-        self.state.stage_delete_timer(&t);
+        self.state.remove_timer(&t);
         let sessions = self.state.user_sessions(&t.application, &t.user_id)?;
         let mut us = UserSessions::new(sessions);
         if let Some(ix) = us.find(&t.journey_id, t.key.as_deref()) {
@@ -237,7 +237,7 @@ impl<S: Store> Processor<S> {
 
     /// Drops everything staged (an aborted batch) and re-reads the timer index.
     pub fn discard(&mut self) -> Result<(), StoreError> {
-        self.state.discard();
+        self.state.discard()?;
         self.due.clear();
         self.reload_next_timer()
     }

@@ -74,7 +74,7 @@ pub fn replay(
         }
     };
     let store = RocksStore::open(&dir, false)?;
-    let state = State::new(store);
+    let state = State::new(store)?;
     let mut clock: Option<Millis> = read_u64(&state, META_CLOCK)?;
     let mut offset: u64 = read_u64(&state, META_OFFSET)?.unwrap_or(0) as u64;
     let mut proc = Processor::new(journeys.clone(), state)?;

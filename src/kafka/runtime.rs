@@ -155,7 +155,7 @@ impl Core {
                 let started = Instant::now();
                 let store = RocksStore::open(&self.state_dir(*p), self.cfg.state.sync)
                     .with_context(|| format!("opening the state of partition {p}"))?;
-                let proc = Processor::new(self.journeys.clone(), State::new(store))?;
+                let proc = Processor::new(self.journeys.clone(), State::new(store)?)?;
                 let mut active: HashMap<String, i64> = HashMap::new();
                 proc.state().all_sessions(&mut |_, s| {
                     *active.entry(s.journey_id).or_default() += 1;

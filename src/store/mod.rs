@@ -8,7 +8,7 @@
 
 pub mod rocks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::engine::{Change, Session};
 use crate::time::Millis;
@@ -17,20 +17,18 @@ use crate::time::Millis;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {
     /// Sessions by (application, user, journey, key), prefixed by a hash of (application, user).
+    /// A session holds its pending timer's due time; the timer index is derived from them.
     Sessions,
-    /// Timer index by (due, application, user, journey, key); values are empty.
-    Timers,
     /// Metadata: input offsets, replay clock, journey versions.
     Meta,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Sessions, Table::Timers, Table::Meta];
+    pub const ALL: [Table; 2] = [Table::Sessions, Table::Meta];
 
     pub fn name(self) -> &'static str {
         match self {
             Table::Sessions => "sessions",
-            Table::Timers => "timers",
             Table::Meta => "meta",
         }
     }
@@ -232,12 +230,15 @@ pub fn decode_timer_key(k: &[u8]) -> Option<TimerRef> {
 /// transaction).
 pub struct State<S: Store> {
     store: S,
-    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 3],
+    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 2],
     staged_ops: usize,
     /// Decoded sessions by user prefix, kept in step with every staged change, so a busy user's
     /// sessions are read from the store once. Cleared whole when it outgrows its capacity.
     cache: HashMap<Vec<u8>, Vec<Session>>,
     cache_capacity: usize,
+    /// Pending timers by (due, application, user, journey, key): derived from the sessions (each
+    /// holds its timer's due time), kept in memory and in step with every staged change.
+    timers: BTreeSet<Vec<u8>>,
 }
 
 /// Users whose sessions [`State`] keeps decoded in memory.
@@ -246,20 +247,36 @@ pub const DEFAULT_CACHE_USERS: usize = 200_000;
 fn slot(t: Table) -> usize {
     match t {
         Table::Sessions => 0,
-        Table::Timers => 1,
-        Table::Meta => 2,
+        Table::Meta => 1,
     }
 }
 
 impl<S: Store> State<S> {
-    pub fn new(store: S) -> State<S> {
-        State {
+    /// Wraps a store, building the timer index from its sessions (one scan).
+    pub fn new(store: S) -> Result<State<S>> {
+        let mut state = State {
             store,
             pending: Default::default(),
             staged_ops: 0,
             cache: HashMap::new(),
             cache_capacity: DEFAULT_CACHE_USERS,
-        }
+            timers: BTreeSet::new(),
+        };
+        state.rebuild_timers()?;
+        Ok(state)
+    }
+
+    /// Rebuilds the timer index from the sessions (store and staged writes).
+    fn rebuild_timers(&mut self) -> Result<()> {
+        let mut timers = BTreeSet::new();
+        self.all_sessions(&mut |app, s| {
+            if let Some(due) = s.timer {
+                timers.insert(timer_key(due, app, &s.user_id, &s.journey_id, s.key.as_deref()));
+            }
+            true
+        })?;
+        self.timers = timers;
+        Ok(())
     }
 
     pub fn store(&self) -> &S {
@@ -427,13 +444,13 @@ impl<S: Store> State<S> {
     }
 
     /// The earliest timer's due time.
-    pub fn next_timer(&self) -> Result<Option<Millis>> {
-        let mut next = None;
-        self.scan(Table::Timers, &[], None, &mut |k, _| {
-            next = decode_timer_key(k).map(|t| t.due);
-            false
-        })?;
-        Ok(next)
+    pub fn next_timer(&self) -> Option<Millis> {
+        self.timers.first().and_then(|k| due_from(&k[..8]))
+    }
+
+    /// How many timers are pending.
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -444,7 +461,8 @@ impl<S: Store> State<S> {
         self.stage(Table::Meta, key.as_bytes().to_vec(), Some(value));
     }
 
-    pub fn stage_delete_timer(&mut self, t: &TimerRef) {
+    /// Drops a fired timer from the index.
+    pub fn remove_timer(&mut self, t: &TimerRef) {
         let key = timer_key(
             t.due,
             &t.application,
@@ -452,7 +470,7 @@ impl<S: Store> State<S> {
             &t.journey_id,
             t.key.as_deref(),
         );
-        self.stage(Table::Timers, key, None);
+        self.timers.remove(&key);
     }
 
     /// Stages the engine's changes for `application`; returns the earliest timer they set.
@@ -464,13 +482,11 @@ impl<S: Store> State<S> {
                     let key = session.key.as_deref();
                     let (user, journey) = (&session.user_id, &session.journey_id);
                     if let Some(old) = old_timer.filter(|&o| Some(o) != session.timer) {
-                        let tk = timer_key(old, application, user, journey, key);
-                        self.stage_raw(Table::Timers, tk, None);
+                        self.timers.remove(&timer_key(old, application, user, journey, key));
                     }
                     if let Some(due) = session.timer {
                         if Some(due) != old_timer {
-                            let tk = timer_key(due, application, user, journey, key);
-                            self.stage_raw(Table::Timers, tk, Some(Vec::new()));
+                            self.timers.insert(timer_key(due, application, user, journey, key));
                         }
                         earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
                     }
@@ -483,8 +499,7 @@ impl<S: Store> State<S> {
                     let key = session.key.as_deref();
                     let (user, journey) = (&session.user_id, &session.journey_id);
                     if let Some(old) = old_timer {
-                        let tk = timer_key(old, application, user, journey, key);
-                        self.stage_raw(Table::Timers, tk, None);
+                        self.timers.remove(&timer_key(old, application, user, journey, key));
                     }
                     let sk = session_key(application, user, journey, key);
                     self.stage_raw(Table::Sessions, sk, None);
@@ -496,15 +511,12 @@ impl<S: Store> State<S> {
     }
 
     /// The timers due at or after `from`, earliest first, at most `limit`.
-    pub fn timers_from(&self, from: Millis, limit: usize) -> Result<Vec<TimerRef>> {
-        let mut out = Vec::new();
-        self.scan(Table::Timers, &due_bytes(from), None, &mut |k, _| {
-            if let Some(t) = decode_timer_key(k) {
-                out.push(t);
-            }
-            out.len() < limit
-        })?;
-        Ok(out)
+    pub fn timers_from(&self, from: Millis, limit: usize) -> Vec<TimerRef> {
+        self.timers
+            .range(due_bytes(from).to_vec()..)
+            .take(limit)
+            .filter_map(|k| decode_timer_key(k))
+            .collect()
     }
 
     /// Writes everything staged to the store in one atomic batch.
@@ -527,10 +539,12 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    /// Drops everything staged (and the session cache, which may hold staged changes).
-    pub fn discard(&mut self) {
+    /// Drops everything staged (and the session cache, which may hold staged changes), and
+    /// rebuilds the timer index from what the store holds.
+    pub fn discard(&mut self) -> Result<()> {
         self.cache.clear();
         self.clear_pending();
+        self.rebuild_timers()
     }
 
     fn clear_pending(&mut self) {

@@ -44,7 +44,6 @@ impl RocksStore {
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(Table::Sessions.name(), sessions),
-            ColumnFamilyDescriptor::new(Table::Timers.name(), Options::default()),
             ColumnFamilyDescriptor::new(Table::Meta.name(), Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
