@@ -20,6 +20,7 @@ export WAYMARK_TOPICS_ENTRIES="bench-entries-$suffix" WAYMARK_TOPICS_STEPS="benc
 export WAYMARK_TOPICS_CONVERSIONS="bench-conv-$suffix" WAYMARK_TOPICS_DLQ="bench-dlq-$suffix"
 export WAYMARK_TOPICS_ROUTE="bench-route-$suffix"
 port=9470
+rm -rf "$dir/setup-state"
 # Create the topics (waymark does so at start), then stop it before producing.
 "$bin" run --brokers "$brokers" --group-id "bench-setup-$suffix" --journeys-dir "$dir/journeys" \
   --state-dir "$dir/setup-state" --metrics-addr "127.0.0.1:$port" > "$dir/setup.log" 2>&1 &

@@ -63,6 +63,7 @@ pub struct ProcessingConfig {
     pub commit_max_records: usize,
     pub max_event_bytes: usize,
     pub timer_tick_ms: u64,
+    pub clock_offset_ms: i64,
 }
 
 /// Every problem found in the configuration.

@@ -486,3 +486,53 @@ fn a_timer_fires_on_the_wall_clock_while_idle() {
     let _: HashMap<(), ()> = HashMap::new();
     assert!(a.stop().success());
 }
+
+/// The wall clock is injected (`processing.clock_offset_ms`): with it a day ahead, a one-day delay
+/// of an event stamped now fires at once, and its record carries the due time.
+#[test]
+fn an_injected_clock_fires_a_day_long_delay_now() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = tmp.path().join("journeys");
+    write_journey(
+        &jdir,
+        &json!({
+            "id": "tomorrow", "application": "app",
+            "entry": {"event": "Start"},
+            "steps": [
+                {"id": "pause", "type": "delay", "duration": "1d", "next": "x"},
+                {"id": "x", "type": "exit"}
+            ]
+        }),
+    );
+    let (_t2, mut s) = setup("clock", &jdir, 2);
+    s.extra_env.push((
+        "WAYMARK_PROCESSING_CLOCK_OFFSET_MS".into(),
+        (86_400_000i64 + 60_000).to_string(),
+    ));
+    let mut a = s.start("a");
+    a.wait_ready(Duration::from_secs(60));
+    let t = now_ms();
+    produce_events(
+        &s.names.events,
+        &[
+            json!({"application": "app", "event": "Start", "userId": 9, "timestamp": t, "eventId": "s"}),
+        ],
+    );
+    let steps = read_until(
+        std::slice::from_ref(&s.names.steps),
+        Duration::from_secs(30),
+        |g| g.len() >= 2,
+    );
+    let step = steps
+        .iter()
+        .map(Got::json)
+        .find(|v| v["type"] == "step_advance")
+        .unwrap_or_else(|| panic!("the delay did not fire:\n{}", a.log_text()));
+    assert_eq!(step["reason"], "delay");
+    assert_eq!(step["at"], waymark::time::format_millis(t + 86_400_000));
+    assert!(
+        now_ms() - t < 60_000,
+        "fired by the injected clock, not after a day"
+    );
+    assert!(a.stop().success());
+}

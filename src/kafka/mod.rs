@@ -63,6 +63,8 @@ pub fn base_config(brokers: &str) -> ClientConfig {
     c.set("bootstrap.servers", brokers)
         .set("client.id", "waymark")
         .set("log_level", "4")
+        // Small requests (acks, commits) must not wait for Nagle's algorithm.
+        .set("socket.nagle.disable", "true")
         .set("topic.metadata.refresh.interval.ms", "10000");
     c
 }

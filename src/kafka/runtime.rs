@@ -65,11 +65,28 @@ fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
     })
 }
 
-fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// The wall clock the runtime reads: system time shifted by `processing.clock_offset_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    offset_ms: Millis,
+}
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock { offset_ms: 0 }
+    }
+
+    pub fn shifted(offset_ms: Millis) -> Clock {
+        Clock { offset_ms }
+    }
+
+    pub fn now_ms(&self) -> Millis {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+            + self.offset_ms
+    }
 }
 
 /// Counts delivery failures reported by the producer.
@@ -135,6 +152,7 @@ struct Core {
     batch_times: Vec<Millis>,
     fatal: Option<anyhow::Error>,
     last_tick: Instant,
+    clock: Clock,
 }
 
 impl Core {
@@ -575,7 +593,7 @@ impl Core {
                 .timers_fired
                 .inc_by(out.timers_fired.len() as u64);
             if by_wall_clock {
-                let now = now_ms();
+                let now = self.clock.now_ms();
                 for due in &out.timers_fired {
                     self.metrics
                         .timer_lateness
@@ -636,7 +654,7 @@ impl Core {
             .commit_seconds
             .with_label_values(&["acks"])
             .observe((acked - t0).as_secs_f64());
-        let now = now_ms();
+        let now = self.clock.now_ms();
         for t in self.batch_times.drain(..) {
             self.metrics
                 .latency
@@ -665,7 +683,7 @@ impl Core {
     /// Fires wall-clock timers on caught-up partitions and refreshes the lag gauges.
     fn tick(&mut self, high: &HashMap<(String, i32), i64>, idle: bool) -> anyhow::Result<()> {
         self.last_tick = Instant::now();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut ps: Vec<i32> = self.parts.keys().copied().collect();
         ps.sort();
         for p in ps {
@@ -812,6 +830,7 @@ pub fn run(
         batch_times: Vec::new(),
         fatal: None,
         last_tick: Instant::now(),
+        clock: Clock::shifted(cfg.processing.clock_offset_ms),
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let consumer: BaseConsumer<Ctx> = super::base_config(&cfg.kafka.brokers)

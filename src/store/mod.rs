@@ -271,7 +271,13 @@ impl<S: Store> State<S> {
         let mut timers = BTreeSet::new();
         self.all_sessions(&mut |app, s| {
             if let Some(due) = s.timer {
-                timers.insert(timer_key(due, app, &s.user_id, &s.journey_id, s.key.as_deref()));
+                timers.insert(timer_key(
+                    due,
+                    app,
+                    &s.user_id,
+                    &s.journey_id,
+                    s.key.as_deref(),
+                ));
             }
             true
         })?;
@@ -482,11 +488,13 @@ impl<S: Store> State<S> {
                     let key = session.key.as_deref();
                     let (user, journey) = (&session.user_id, &session.journey_id);
                     if let Some(old) = old_timer.filter(|&o| Some(o) != session.timer) {
-                        self.timers.remove(&timer_key(old, application, user, journey, key));
+                        self.timers
+                            .remove(&timer_key(old, application, user, journey, key));
                     }
                     if let Some(due) = session.timer {
                         if Some(due) != old_timer {
-                            self.timers.insert(timer_key(due, application, user, journey, key));
+                            self.timers
+                                .insert(timer_key(due, application, user, journey, key));
                         }
                         earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
                     }
@@ -499,7 +507,8 @@ impl<S: Store> State<S> {
                     let key = session.key.as_deref();
                     let (user, journey) = (&session.user_id, &session.journey_id);
                     if let Some(old) = old_timer {
-                        self.timers.remove(&timer_key(old, application, user, journey, key));
+                        self.timers
+                            .remove(&timer_key(old, application, user, journey, key));
                     }
                     let sk = session_key(application, user, journey, key);
                     self.stage_raw(Table::Sessions, sk, None);

@@ -42,10 +42,18 @@ impl RocksStore {
         sessions.set_memtable_prefix_bloom_ratio(0.1);
         sessions.set_write_buffer_size(64 << 20);
 
-        let cfs = vec![
+        let mut cfs = vec![
             ColumnFamilyDescriptor::new(Table::Sessions.name(), sessions),
             ColumnFamilyDescriptor::new(Table::Meta.name(), Options::default()),
         ];
+        // Column families this version no longer uses (an older layout) must still be opened.
+        if let Ok(existing) = DB::list_cf(&opts, dir) {
+            for name in existing {
+                if name != "default" && Table::from_name(&name).is_none() {
+                    cfs.push(ColumnFamilyDescriptor::new(name, Options::default()));
+                }
+            }
+        }
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
             StoreError::Backend(format!("cannot open state in {}: {e}", dir.display()))
         })?;
