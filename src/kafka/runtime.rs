@@ -127,6 +127,8 @@ impl ProducerContext for Delivery {
 /// One owned partition number: its store, and the next offset to apply per topic.
 struct Part {
     proc: Processor<RocksStore>,
+    /// `waymark_events_consumed_total` for each topic of this partition.
+    consumed: HashMap<String, prometheus::IntCounter>,
     next: HashMap<String, i64>,
     dirty_offsets: bool,
     active: HashMap<String, i64>,
@@ -193,6 +195,7 @@ impl Core {
                     Part {
                         proc,
                         next: HashMap::new(),
+                        consumed: HashMap::new(),
                         dirty_offsets: false,
                         active,
                     },
@@ -346,10 +349,24 @@ impl Core {
         if part.next.get(topic).is_some_and(|&next| offset < next) {
             return; // already applied
         }
-        self.metrics
-            .events_consumed
-            .with_label_values(&[topic, &p.to_string()])
-            .inc();
+        match self
+            .parts
+            .get_mut(&p)
+            .expect("checked above")
+            .consumed
+            .get(topic)
+        {
+            Some(c) => c.inc(),
+            None => {
+                let c = self
+                    .metrics
+                    .events_consumed
+                    .with_label_values(&[topic, &p.to_string()]);
+                c.inc();
+                let part = self.parts.get_mut(&p).expect("checked above");
+                part.consumed.insert(topic.to_string(), c);
+            }
+        }
         let record_time = m.timestamp().to_millis();
         let result = if topic == self.cfg.topics.route {
             self.handle_route(m, p, record_time)
@@ -608,17 +625,22 @@ impl Core {
         }
         out.clear();
         self.out = out;
-        self.producer.poll(Duration::ZERO);
+        if self.batch_inputs % 64 == 0 {
+            self.producer.poll(Duration::ZERO);
+        }
     }
 
+    /// Whether the batch should be made durable now. The clock is read every 64 inputs only.
     fn batch_due(&self) -> bool {
-        self.batch_inputs >= self.cfg.processing.commit_max_records
-            || (self.batch_inputs > 0
-                && self.batch_started.elapsed()
-                    >= Duration::from_millis(self.cfg.processing.commit_interval_ms))
-            || self.parts.values().any(|p| p.proc.state().staged() > 0)
-                && self.batch_started.elapsed()
-                    >= Duration::from_millis(self.cfg.processing.commit_interval_ms)
+        if self.batch_inputs >= self.cfg.processing.commit_max_records {
+            return true;
+        }
+        if self.batch_inputs % 64 != 0 {
+            return false;
+        }
+        let interval = Duration::from_millis(self.cfg.processing.commit_interval_ms);
+        (self.batch_inputs > 0 || self.parts.values().any(|p| p.proc.state().staged() > 0))
+            && self.batch_started.elapsed() >= interval
     }
 
     /// Waits for every output to be acknowledged, then writes state and offsets.
@@ -859,6 +881,7 @@ pub fn run(
     consumer.subscribe(&topics).context("subscribing")?;
     info!(topics = %topics.join(","), group = %cfg.kafka.group_id, partitions, "consuming");
     let tick = Duration::from_millis(cfg.processing.timer_tick_ms);
+    let mut loops: u64 = 0;
     while !shutdown.load(Ordering::SeqCst) {
         let msg = consumer.poll(Duration::from_millis(20));
         let mut core = core.lock().expect("not poisoned");
@@ -886,7 +909,8 @@ pub fn run(
                 let _ = consumer.commit(&offsets, CommitMode::Async);
             }
         }
-        if core.last_tick.elapsed() >= tick {
+        loops = loops.wrapping_add(1);
+        if (idle || loops % 64 == 0) && core.last_tick.elapsed() >= tick {
             let high = consumer
                 .context()
                 .high
