@@ -12,6 +12,7 @@
 //! - [`store`]: the state store trait (sessions, timers, metadata, atomic batches) and RocksDB.
 //! - [`processor`]: the engine over a store: timers, session loading, staging, commits.
 //! - [`replay`]: `waymark replay`, the processor over a file of events.
+//! - [`inspect`]: `waymark inspect` (a user's sessions) and `waymark journeys` (the loaded set).
 //! - [`loadgen`]: synthetic journeys and events for benchmarks.
 //! - [`config`]: `waymark run` configuration: defaults, file, environment, flags.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
@@ -24,6 +25,7 @@
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod inspect;
 pub mod journey;
 pub mod kafka;
 pub mod loadgen;

@@ -101,6 +101,22 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
+    Inspect {
+        /// A replay state directory, or the state root of `waymark run` (partition-N inside).
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// Only this application's sessions.
+        #[arg(long)]
+        application: Option<String>,
+    },
+    /// List the journeys of a directory with their status and version.
+    Journeys {
+        #[arg(default_value = "config/journeys")]
+        dir: PathBuf,
+    },
     /// Write synthetic benchmark journeys and events (about 30% of events touch a journey).
     Loadgen {
         /// Where to write the ten benchmark journeys.
@@ -243,6 +259,31 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inspect {
+            state,
+            user,
+            application,
+        } => match waymark::inspect::user_sessions(&state, &user, application.as_deref()) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("waymark inspect: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Journeys { dir } => match load_dir(&dir) {
+            Ok(set) => {
+                let v = waymark::inspect::list_journeys(&set);
+                println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Validate { dir } => match load_dir(&dir) {
             Ok(set) => {
                 println!("ok: {} journey(s) in {}", set.len(), dir.display());

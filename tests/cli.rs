@@ -121,3 +121,70 @@ fn run_refuses_invalid_journeys() {
         "{err}"
     );
 }
+
+#[test]
+fn inspect_prints_a_users_sessions_and_journeys_lists_the_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (code, _, err) = waymark(&[
+        "replay",
+        "--journeys",
+        "config/journeys",
+        "--events",
+        "config/scenario/seed-events.jsonl",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = waymark(&[
+        "inspect",
+        "--state",
+        state.to_str().unwrap(),
+        "--user",
+        "456",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["user_id"], "456");
+    let sessions = v["sessions"].as_array().unwrap();
+    // 456's gift session ended, the referral session ended on its purchase: nothing is left but
+    // what the seed scenario leaves open.
+    for s in sessions {
+        assert!(s["journey_id"].is_string() && s["step"].is_string(), "{s}");
+    }
+    let (code, out, _) = waymark(&[
+        "inspect",
+        "--state",
+        state.to_str().unwrap(),
+        "--user",
+        "123",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let post = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["journey_id"] == "post-purchase")
+        .expect("the second post-purchase session is open");
+    assert_eq!(post["step"], "wait-a-day");
+    assert_eq!(post["timer"], "2026-12-03T10:00:00.000Z");
+    assert_eq!(post["context"]["tier"], "gold");
+
+    let (code, out, _) = waymark(&["journeys", "config/journeys"]);
+    assert_eq!(code, 0);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 8);
+    assert!(ids.contains(&"order-journey"));
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|j| j["status"] == "active" && j["version"].as_str().unwrap().len() == 16));
+}

@@ -23,8 +23,20 @@ fn err(e: rocksdb::Error) -> StoreError {
 impl RocksStore {
     /// Opens (creating if needed) the store in `dir`. With `sync`, every batch is fsynced.
     pub fn open(dir: &Path, sync: bool) -> Result<RocksStore> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+        Self::open_mode(dir, sync, false)
+    }
+
+    /// Opens an existing store for reading only; works while the service holds it.
+    pub fn open_read_only(dir: &Path) -> Result<RocksStore> {
+        Self::open_mode(dir, false, true)
+    }
+
+    fn open_mode(dir: &Path, sync: bool, read_only: bool) -> Result<RocksStore> {
+        if !read_only {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -54,7 +66,12 @@ impl RocksStore {
                 }
             }
         }
-        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+        let opened = if read_only {
+            DB::open_cf_descriptors_read_only(&opts, dir, cfs, false)
+        } else {
+            DB::open_cf_descriptors(&opts, dir, cfs)
+        };
+        let db = opened.map_err(|e| {
             StoreError::Backend(format!("cannot open state in {}: {e}", dir.display()))
         })?;
         Ok(RocksStore { db, sync })
