@@ -139,17 +139,30 @@ impl<S: Store> Processor<S> {
 
     fn fire(&mut self, t: TimerRef, out: &mut Output) -> Result<(), StoreError> {
         self.state.remove_timer(&t);
-        let sessions = self.state.user_sessions(&t.application, &t.user_id)?;
-        let mut us = UserSessions::new(sessions);
+        let mut us = self.load(&t.application, &t.user_id)?;
         if let Some(ix) = us.find(&t.journey_id, t.key.as_deref()) {
             if self.engine.fire_timer(&mut us, ix, t.due, &mut self.fx) {
                 out.timers_fired.push(t.due);
             }
         }
-        let due = self.state.stage_changes(&t.application, us.changes());
-        self.note_timer(due);
+        self.save(&t.application, &t.user_id, us);
         out.take_effects(&mut self.fx);
         Ok(())
+    }
+
+    /// A user's sessions, taken from the state's cache (no copy) or read from the store.
+    fn load(&mut self, application: &str, user: &str) -> Result<UserSessions, StoreError> {
+        Ok(UserSessions::new(
+            self.state.take_user_sessions(application, user)?,
+        ))
+    }
+
+    /// Stages what changed and hands the user's sessions back to the cache.
+    fn save(&mut self, application: &str, user: &str, mut us: UserSessions) {
+        let due = self.state.stage_changes(application, us.changes());
+        self.note_timer(due);
+        self.state
+            .return_user_sessions(application, user, us.into_active());
     }
 
     /// Applies one event: due timers first, then goals and waits of the user's sessions, then
@@ -169,7 +182,7 @@ impl<S: Store> Processor<S> {
         let has_entries = !interest.entries.is_empty();
         let mut own: Option<UserSessions> = None;
         if wants_sessions {
-            let mut us = UserSessions::new(self.state.user_sessions(&ev.application, &ev.user_id)?);
+            let mut us = self.load(&ev.application, &ev.user_id)?;
             self.engine.apply_event(ev, &mut us, &mut self.fx);
             own = Some(us);
         }
@@ -179,9 +192,7 @@ impl<S: Store> Processor<S> {
             for intent in intents {
                 if intent.user_id == ev.user_id {
                     if own.is_none() {
-                        own = Some(UserSessions::new(
-                            self.state.user_sessions(&ev.application, &ev.user_id)?,
-                        ));
+                        own = Some(self.load(&ev.application, &ev.user_id)?);
                     }
                     let us = own.as_mut().expect("loaded above");
                     self.engine.apply_entry(&intent, us, &mut self.fx);
@@ -189,10 +200,8 @@ impl<S: Store> Processor<S> {
                     let pos = match others.iter().position(|(u, _)| u == &intent.user_id) {
                         Some(p) => p,
                         None => {
-                            let s = self
-                                .state
-                                .user_sessions(&intent.application, &intent.user_id)?;
-                            others.push((intent.user_id.clone(), UserSessions::new(s)));
+                            let us = self.load(&intent.application, &intent.user_id)?;
+                            others.push((intent.user_id.clone(), us));
                             others.len() - 1
                         }
                     };
@@ -202,14 +211,12 @@ impl<S: Store> Processor<S> {
                     out.routed.push(intent);
                 }
             }
-            for (_, mut us) in others {
-                let due = self.state.stage_changes(&ev.application, us.changes());
-                self.note_timer(due);
+            for (user, us) in others {
+                self.save(&ev.application, &user, us);
             }
         }
-        if let Some(mut us) = own {
-            let due = self.state.stage_changes(&ev.application, us.changes());
-            self.note_timer(due);
+        if let Some(us) = own {
+            self.save(&ev.application, &ev.user_id, us);
         }
         out.take_effects(&mut self.fx);
         Ok(())
@@ -219,13 +226,9 @@ impl<S: Store> Processor<S> {
     /// fire first.
     pub fn on_intent(&mut self, intent: &EntryIntent, out: &mut Output) -> Result<(), StoreError> {
         self.fire_due(intent.time, out)?;
-        let mut us = UserSessions::new(
-            self.state
-                .user_sessions(&intent.application, &intent.user_id)?,
-        );
+        let mut us = self.load(&intent.application, &intent.user_id)?;
         self.engine.apply_entry(intent, &mut us, &mut self.fx);
-        let due = self.state.stage_changes(&intent.application, us.changes());
-        self.note_timer(due);
+        self.save(&intent.application, &intent.user_id, us);
         out.take_effects(&mut self.fx);
         Ok(())
     }

@@ -163,6 +163,15 @@ impl UserSessions {
         })
     }
 
+    /// The active sessions, consuming the view; call after [`UserSessions::changes`].
+    pub fn into_active(self) -> Vec<Session> {
+        self.slots
+            .into_iter()
+            .filter(|s| s.state != SlotState::Removed)
+            .map(|s| s.session)
+            .collect()
+    }
+
     /// The store changes since loading (or since the last call), and marks everything clean.
     pub fn changes(&mut self) -> Vec<Change> {
         let mut out = Vec::new();

@@ -419,6 +419,31 @@ impl<S: Store> State<S> {
         Ok(out)
     }
 
+    /// Like [`State::user_sessions`], but moves the cached list out instead of copying it; give
+    /// it back with [`State::return_user_sessions`] once its changes are staged.
+    pub fn take_user_sessions(&mut self, application: &str, user: &str) -> Result<Vec<Session>> {
+        let prefix = user_prefix(application, user);
+        match self.cache.remove(&prefix) {
+            Some(list) => Ok(list),
+            None => {
+                let list = self.user_sessions(application, user)?;
+                self.cache.remove(&prefix);
+                Ok(list)
+            }
+        }
+    }
+
+    /// Puts a user's sessions (as they are after the staged changes) back in the cache.
+    pub fn return_user_sessions(&mut self, application: &str, user: &str, sessions: Vec<Session>) {
+        if self.cache_capacity == 0 {
+            return;
+        }
+        if self.cache.len() >= self.cache_capacity {
+            self.cache.clear();
+        }
+        self.cache.insert(user_prefix(application, user), sessions);
+    }
+
     /// Keeps a cached user's sessions in step with a staged change.
     fn cache_apply(&mut self, application: &str, session: &Session, deleted: bool) {
         let prefix = user_prefix(application, &session.user_id);
