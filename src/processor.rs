@@ -158,11 +158,16 @@ impl<S: Store> Processor<S> {
     }
 
     /// Stages what changed and hands the user's sessions back to the cache.
-    fn save(&mut self, application: &str, user: &str, mut us: UserSessions) {
-        let due = self.state.stage_changes(application, us.changes());
-        self.note_timer(due);
-        self.state
-            .return_user_sessions(application, user, us.into_active());
+    fn save(&mut self, application: &str, user: &str, us: UserSessions) {
+        let mut earliest: Option<Millis> = None;
+        let state = &mut self.state;
+        let kept = us.finish(|c| {
+            if let Some(due) = state.stage_change(application, c) {
+                earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
+            }
+        });
+        self.note_timer(earliest);
+        self.state.return_user_sessions(application, user, kept);
     }
 
     /// Applies one event: due timers first, then goals and waits of the user's sessions, then

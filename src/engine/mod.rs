@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use session::{Change, Session, SessionRef, UserSessions};
+pub use session::{Change, ChangeRef, Session, SessionRef, UserSessions};
 
 use crate::event::{id_text, Event};
 use crate::journey::condition::lookup;

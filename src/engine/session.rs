@@ -77,6 +77,34 @@ pub enum Change {
     },
 }
 
+/// A store change, borrowed from the sessions it describes (see [`UserSessions::finish`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ChangeRef<'a> {
+    Put {
+        session: &'a Session,
+        old_timer: Option<Millis>,
+    },
+    Delete {
+        session: &'a Session,
+        old_timer: Option<Millis>,
+    },
+}
+
+impl<'a> From<&'a Change> for ChangeRef<'a> {
+    fn from(c: &'a Change) -> ChangeRef<'a> {
+        match c {
+            Change::Put { session, old_timer } => ChangeRef::Put {
+                session,
+                old_timer: *old_timer,
+            },
+            Change::Delete { session, old_timer } => ChangeRef::Delete {
+                session,
+                old_timer: *old_timer,
+            },
+        }
+    }
+}
+
 /// One user's sessions in one application, as loaded from the store, with change tracking.
 ///
 /// Sessions keep the order they were loaded in (the caller sorts them by journey id, then entry
@@ -161,6 +189,33 @@ impl UserSessions {
                 && s.session.journey_id == journey
                 && s.session.key.as_deref() == key
         })
+    }
+
+    /// Hands every store change to `stage` without copying a session, and returns the active
+    /// sessions.
+    pub fn finish(self, mut stage: impl FnMut(ChangeRef<'_>)) -> Vec<Session> {
+        let mut kept = Vec::with_capacity(self.slots.len());
+        for slot in self.slots {
+            match slot.state {
+                SlotState::Clean => kept.push(slot.session),
+                SlotState::Dirty | SlotState::New => {
+                    stage(ChangeRef::Put {
+                        session: &slot.session,
+                        old_timer: slot.stored_timer,
+                    });
+                    kept.push(slot.session);
+                }
+                SlotState::Removed => {
+                    if slot.stored {
+                        stage(ChangeRef::Delete {
+                            session: &slot.session,
+                            old_timer: slot.stored_timer,
+                        });
+                    }
+                }
+            }
+        }
+        kept
     }
 
     /// The active sessions, consuming the view; call after [`UserSessions::changes`].

@@ -10,7 +10,7 @@ pub mod rocks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::engine::{Change, Session};
+use crate::engine::{Change, ChangeRef, Session};
 use crate::time::Millis;
 
 /// The tables of a store.
@@ -507,41 +507,49 @@ impl<S: Store> State<S> {
     /// Stages the engine's changes for `application`; returns the earliest timer they set.
     pub fn stage_changes(&mut self, application: &str, changes: Vec<Change>) -> Option<Millis> {
         let mut earliest: Option<Millis> = None;
-        for c in changes {
-            match c {
-                Change::Put { session, old_timer } => {
-                    let key = session.key.as_deref();
-                    let (user, journey) = (&session.user_id, &session.journey_id);
-                    if let Some(old) = old_timer.filter(|&o| Some(o) != session.timer) {
-                        self.timers
-                            .remove(&timer_key(old, application, user, journey, key));
-                    }
-                    if let Some(due) = session.timer {
-                        if Some(due) != old_timer {
-                            self.timers
-                                .insert(timer_key(due, application, user, journey, key));
-                        }
-                        earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
-                    }
-                    let sk = session_key(application, user, journey, key);
-                    let value = serde_json::to_vec(&session).expect("sessions always serialise");
-                    self.stage_raw(Table::Sessions, sk, Some(value));
-                    self.cache_apply(application, &session, false);
-                }
-                Change::Delete { session, old_timer } => {
-                    let key = session.key.as_deref();
-                    let (user, journey) = (&session.user_id, &session.journey_id);
-                    if let Some(old) = old_timer {
-                        self.timers
-                            .remove(&timer_key(old, application, user, journey, key));
-                    }
-                    let sk = session_key(application, user, journey, key);
-                    self.stage_raw(Table::Sessions, sk, None);
-                    self.cache_apply(application, &session, true);
-                }
+        for c in &changes {
+            if let Some(due) = self.stage_change(application, ChangeRef::from(c)) {
+                earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
             }
         }
         earliest
+    }
+
+    /// Stages one change; returns the session's timer, if it has one.
+    pub fn stage_change(&mut self, application: &str, change: ChangeRef<'_>) -> Option<Millis> {
+        match change {
+            ChangeRef::Put { session, old_timer } => {
+                let key = session.key.as_deref();
+                let (user, journey) = (&session.user_id, &session.journey_id);
+                if let Some(old) = old_timer.filter(|&o| Some(o) != session.timer) {
+                    self.timers
+                        .remove(&timer_key(old, application, user, journey, key));
+                }
+                if let Some(due) = session.timer {
+                    if Some(due) != old_timer {
+                        self.timers
+                            .insert(timer_key(due, application, user, journey, key));
+                    }
+                }
+                let sk = session_key(application, user, journey, key);
+                let value = serde_json::to_vec(session).expect("sessions always serialise");
+                self.stage_raw(Table::Sessions, sk, Some(value));
+                self.cache_apply(application, session, false);
+                session.timer
+            }
+            ChangeRef::Delete { session, old_timer } => {
+                let key = session.key.as_deref();
+                let (user, journey) = (&session.user_id, &session.journey_id);
+                if let Some(old) = old_timer {
+                    self.timers
+                        .remove(&timer_key(old, application, user, journey, key));
+                }
+                let sk = session_key(application, user, journey, key);
+                self.stage_raw(Table::Sessions, sk, None);
+                self.cache_apply(application, session, true);
+                None
+            }
+        }
     }
 
     /// The timers due at or after `from`, earliest first, at most `limit`.
