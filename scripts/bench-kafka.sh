@@ -53,9 +53,44 @@ while [ "$consumed" -lt "$count" ]; do
   kill -0 $pid 2>/dev/null || { echo "waymark exited early"; tail "$dir/time.txt"; exit 1; }
 done
 t1=$(date +%s.%N)
+run_rate=$(echo "$count / ($t1 - $t0)" | bc)
+echo "waymark run: $run_rate events/s ($(echo "scale=1; 100 * $run_rate / $consume_rate" | bc)% of consume-only)"
+
+# Latency at half that rate: the same instance, caught up, gets more events at run_rate / 2;
+# waymark_processing_latency_seconds (record timestamp to outputs acknowledged) is read before and
+# after, and p50/p99 come from the difference of its buckets.
+half=$(( run_rate / 2 ))
+extra=$(( half * 10 ))
+[ "$extra" -gt "$count" ] && extra=$count
+snapshot() { curl -s "127.0.0.1:$port/metrics" | awk '/^waymark_processing_latency_seconds_bucket/ {match($0, /le="[^"]+"/); le=substr($0, RSTART+4, RLENGTH-5); print le, $2}'; }
+snapshot > "$dir/lat-before.txt"
+echo "latency phase: $extra events at $half events/s..."
+"$bin" produce --brokers "$brokers" --topic "$topic" --rate "$half" --limit "$extra" "$dir/events.jsonl"
+target=$(( count + extra ))
+while [ "$consumed" -lt "$target" ]; do
+  sleep 0.5
+  consumed=$(curl -s "127.0.0.1:$port/metrics" | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
+done
+sleep 1
+snapshot > "$dir/lat-after.txt"
+join "$dir/lat-before.txt" "$dir/lat-after.txt" | awk '
+  { le[NR] = $1; c[NR] = $3 - $2; n = NR }
+  END {
+    total = c[n];
+    split("0.5 0.99", qs, " ");
+    for (qi = 1; qi <= 2; qi++) {
+      q = qs[qi]; rank = q * total; prev = 0; lo = 0;
+      for (i = 1; i <= n; i++) {
+        if (c[i] >= rank) {
+          hi = (le[i] == "+Inf") ? lo : le[i];
+          v = (c[i] == prev) ? hi : lo + (hi - lo) * (rank - prev) / (c[i] - prev);
+          printf "latency p%s: %.1f ms\n", q * 100, v * 1000; break
+        }
+        prev = c[i]; lo = le[i]
+      }
+    }
+  }'
 # SIGTERM to waymark itself (the child of /usr/bin/time), so time reports its peak RSS.
 pkill -TERM -P $pid || true
 wait $pid || true
-run_rate=$(echo "$count / ($t1 - $t0)" | bc)
-echo "waymark run: $run_rate events/s ($(echo "scale=1; 100 * $run_rate / $consume_rate" | bc)% of consume-only)"
 echo "peak RSS: $(awk '/Maximum resident/ {printf "%.0f MiB", $6/1024}' "$dir/time.txt")"

@@ -59,6 +59,12 @@ enum Command {
         brokers: String,
         #[arg(long, default_value = "events")]
         topic: String,
+        /// Send at most this many records per second.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
         file: PathBuf,
     },
     /// Print the records of topics from the beginning.
@@ -189,8 +195,10 @@ fn main() -> ExitCode {
         Command::Produce {
             brokers,
             topic,
+            rate,
+            limit,
             file,
-        } => match waymark::kafka::tools::produce(&brokers, &topic, &file) {
+        } => match waymark::kafka::tools::produce(&brokers, &topic, &file, rate, limit) {
             Ok(n) => {
                 eprintln!("produced {n} record(s) to {topic}");
                 ExitCode::SUCCESS

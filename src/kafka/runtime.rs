@@ -89,11 +89,14 @@ impl Clock {
     }
 }
 
-/// Counts delivery failures reported by the producer.
+/// Counts delivery failures reported by the producer and, for output records, observes the
+/// latency from the input record's timestamp to the broker's acknowledgement. A record's delivery
+/// opaque is that timestamp in epoch milliseconds (0: not an output record).
 #[derive(Default)]
 pub struct Delivery {
     failed: AtomicU64,
     last_error: Mutex<Option<String>>,
+    latency: Option<prometheus::Histogram>,
 }
 
 impl Delivery {
@@ -114,12 +117,20 @@ impl Delivery {
 impl ClientContext for Delivery {}
 
 impl ProducerContext for Delivery {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, msg)) = result {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            *self.last_error.lock().expect("not poisoned") =
-                Some(format!("{e} (topic {})", msg.topic()));
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, record_time: usize) {
+        match result {
+            Err((e, msg)) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                *self.last_error.lock().expect("not poisoned") =
+                    Some(format!("{e} (topic {})", msg.topic()));
+            }
+            Ok(_) => {
+                if let (Some(h), true) = (&self.latency, record_time > 0) {
+                    let now = Clock::system().now_ms();
+                    h.observe(((now - record_time as i64).max(0)) as f64 / 1000.0);
+                }
+            }
         }
     }
 }
@@ -150,8 +161,6 @@ struct Core {
     out: Output,
     batch_inputs: usize,
     batch_started: Instant,
-    /// Record timestamps of inputs in this batch that produced outputs (for latency).
-    batch_times: Vec<Millis>,
     fatal: Option<anyhow::Error>,
     last_tick: Instant,
     clock: Clock,
@@ -253,8 +262,12 @@ impl Core {
         key: &str,
         value: &[u8],
         headers: Option<OwnedHeaders>,
+        record_time: Option<Millis>,
     ) {
-        let mut rec = BaseRecord::to(topic).key(key).payload(value);
+        let opaque = record_time.map_or(0, |t| t.max(0) as usize);
+        let mut rec = BaseRecord::with_opaque_to(topic, opaque)
+            .key(key)
+            .payload(value);
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
@@ -321,7 +334,7 @@ impl Core {
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_default();
-        let mut rec = BaseRecord::to(&self.cfg.topics.dlq)
+        let mut rec = BaseRecord::with_opaque_to(&self.cfg.topics.dlq, 0)
             .key(&key)
             .payload(m.payload().unwrap_or(&[]))
             .headers(headers);
@@ -428,7 +441,14 @@ impl Core {
                 });
             }
             let route = self.cfg.topics.route.clone();
-            self.send(&route, Some(owner), raw.user_id(), payload, Some(headers));
+            self.send(
+                &route,
+                Some(owner),
+                raw.user_id(),
+                payload,
+                Some(headers),
+                None,
+            );
             self.metrics.routed.inc();
             return Ok(());
         }
@@ -536,7 +556,6 @@ impl Core {
     /// Produces what the last input caused and counts it.
     fn publish(&mut self, p: i32, record_time: Option<Millis>, by_wall_clock: bool) {
         let mut out = std::mem::take(&mut self.out);
-        let produced = !out.records.is_empty() || !out.routed.is_empty();
         let part = self.parts.get_mut(&p).expect("owned");
         for r in &out.records {
             let journey = r.journey_id();
@@ -578,7 +597,14 @@ impl Core {
                 Stream::Steps => &self.cfg.topics.steps,
                 Stream::Conversions => &self.cfg.topics.conversions,
             };
-            self.send(topic, None, r.user_id(), r.to_json().as_bytes(), None);
+            self.send(
+                topic,
+                None,
+                r.user_id(),
+                r.to_json().as_bytes(),
+                None,
+                record_time,
+            );
         }
         for intent in out.routed.drain(..) {
             let owner = owner_of(&intent.user_id, self.partitions);
@@ -593,6 +619,7 @@ impl Core {
                 &intent.user_id,
                 &value,
                 Some(headers),
+                None,
             );
             self.metrics.routed.inc();
         }
@@ -616,11 +643,6 @@ impl Core {
                         .timer_lateness
                         .observe(((now - due).max(0)) as f64 / 1000.0);
                 }
-            }
-        }
-        if produced {
-            if let Some(t) = record_time {
-                self.batch_times.push(t);
             }
         }
         out.clear();
@@ -676,12 +698,6 @@ impl Core {
             .commit_seconds
             .with_label_values(&["acks"])
             .observe((acked - t0).as_secs_f64());
-        let now = self.clock.now_ms();
-        for t in self.batch_times.drain(..) {
-            self.metrics
-                .latency
-                .observe(((now - t).max(0)) as f64 / 1000.0);
-        }
         for part in self.parts.values_mut() {
             if part.dirty_offsets {
                 for (topic, next) in &part.next {
@@ -837,7 +853,10 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let producer: BaseProducer<Delivery> = producer_config(&cfg.kafka.brokers)
-        .create_with_context(Delivery::default())
+        .create_with_context(Delivery {
+            latency: Some(metrics.latency.clone()),
+            ..Delivery::default()
+        })
         .context("creating the producer")?;
     let core = Arc::new(Mutex::new(Core {
         cfg: cfg.clone(),
@@ -849,7 +868,6 @@ pub fn run(
         out: Output::default(),
         batch_inputs: 0,
         batch_started: Instant::now(),
-        batch_times: Vec::new(),
         fatal: None,
         last_tick: Instant::now(),
         clock: Clock::shifted(cfg.processing.clock_offset_ms),

@@ -16,7 +16,16 @@ use super::{base_config, producer_config};
 
 /// Produces each non-blank line of `file` (or stdin for `-`) to `topic`, keyed by the line's
 /// `userId` when it has one. Returns how many records were acknowledged.
-pub fn produce(brokers: &str, topic: &str, file: &Path) -> anyhow::Result<u64> {
+/// With `rate`, sends at most that many records per second (for latency measurements); `limit`
+/// stops after that many records.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    file: &Path,
+    rate: Option<u64>,
+    limit: Option<u64>,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
     let producer: BaseProducer<Delivery> = producer_config(brokers)
         .create_with_context(Delivery::default())
         .context("creating a producer")?;
@@ -36,7 +45,7 @@ pub fn produce(brokers: &str, topic: &str, file: &Path) -> anyhow::Result<u64> {
         let key = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
             .and_then(|v| v.get("userId").and_then(crate::event::id_text));
-        let mut rec = BaseRecord::to(topic).payload(line.as_str());
+        let mut rec = BaseRecord::with_opaque_to(topic, 0).payload(line.as_str());
         if let Some(k) = &key {
             rec = rec.key(k.as_str());
         }
@@ -51,6 +60,16 @@ pub fn produce(brokers: &str, topic: &str, file: &Path) -> anyhow::Result<u64> {
         }
         n += 1;
         producer.poll(Duration::ZERO);
+        if let Some(r) = rate.filter(|&r| r > 0) {
+            let due = Duration::from_secs_f64(n as f64 / r as f64);
+            let elapsed = started.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        if limit.is_some_and(|l| n >= l) {
+            break;
+        }
     }
     producer
         .flush(Duration::from_secs(60))

@@ -239,7 +239,7 @@ pub fn producer() -> BaseProducer<Delivery> {
 pub fn produce(topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) {
     let p = producer();
     for (key, partition, value) in records {
-        let mut r = BaseRecord::to(topic).payload(value.as_slice());
+        let mut r = BaseRecord::with_opaque_to(topic, 0).payload(value.as_slice());
         if let Some(k) = key {
             r = r.key(k.as_str());
         }
