@@ -536,3 +536,67 @@ fn an_injected_clock_fires_a_day_long_delay_now() {
     );
     assert!(a.stop().success());
 }
+
+/// Every user's state lives in one partition only if the input and route topics have the same
+/// partition count; waymark refuses to start, saying so, when they differ.
+#[test]
+fn refuses_to_start_when_partition_counts_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = order_journey_dir(tmp.path());
+    let (_t2, s) = setup("copart", &jdir, 2);
+    // The route topic already exists with another partition count.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(waymark::kafka::ensure_topics(
+        &brokers(),
+        &[(s.names.events.clone(), 2), (s.names.route.clone(), 3)],
+        1,
+    ))
+    .unwrap();
+    let mut a = s.start("a");
+    let status = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = a.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "did not refuse:\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(status.code(), Some(1), "{}", a.log_text());
+    let log = a.log_text();
+    assert!(
+        log.contains("same number of partitions") && log.contains(&s.names.route),
+        "{log}"
+    );
+}
+
+/// A second SIGTERM ends the process at once, without draining.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = order_journey_dir(tmp.path());
+    let (_t2, s) = setup("twosig", &jdir, 2);
+    let mut a = s.start("a");
+    a.wait_ready(Duration::from_secs(60));
+    a.signal("TERM");
+    a.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = a.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Either the first signal's drain finished first (0) or the second cut it short (130).
+    assert!(matches!(status.code(), Some(0) | Some(130)), "{status}");
+}
