@@ -25,11 +25,15 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 echo "== producing the seed scenario (config/scenario/seed-events.jsonl) to $WAYMARK_KAFKA_INPUT_TOPICS"
-"$bin" produce --brokers "$brokers" --topic "$WAYMARK_KAFKA_INPUT_TOPICS" config/scenario/seed-events.jsonl
+# Four events a second, as live traffic: an entry routed to another partition (the gift's
+# recipient, invited users) has landed before that user's own next event.
+"$bin" produce --brokers "$brokers" --topic "$WAYMARK_KAFKA_INPUT_TOPICS" --rate 4 config/scenario/seed-events.jsonl
 sleep 3
 echo "== output records (entries, steps, conversions), in event-time order"
 "$bin" tail --brokers "$brokers" --idle 3s --format pretty \
-  "$WAYMARK_TOPICS_ENTRIES" "$WAYMARK_TOPICS_STEPS" "$WAYMARK_TOPICS_CONVERSIONS" | sort -s -k1,1
+  "$WAYMARK_TOPICS_ENTRIES" "$WAYMARK_TOPICS_STEPS" "$WAYMARK_TOPICS_CONVERSIONS" \
+  | awk '{ r = ($2 == "ENTER") ? 0 : ($2 == "EXIT") ? 2 : 1; print $1 " " r "\t" $0 }' \
+  | sort -s -k1,2 | cut -f2-
 echo "== metrics (excerpt)"
 curl -s 127.0.0.1:9464/metrics | grep -E '^waymark_(entries_total|conversions_total|entries_refused_total)' || true
 echo "== stopping waymark (SIGTERM)"
