@@ -26,8 +26,10 @@ for _ in $(seq 1 100); do
 done
 echo "== producing the seed scenario (config/scenario/seed-events.jsonl) to $WAYMARK_KAFKA_INPUT_TOPICS"
 # Four events a second, as live traffic: an entry routed to another partition (the gift's
-# recipient, invited users) has landed before that user's own next event.
-"$bin" produce --brokers "$brokers" --topic "$WAYMARK_KAFKA_INPUT_TOPICS" --rate 4 config/scenario/seed-events.jsonl
+# recipient, invited users) has landed before that user's own next event. --retime moves the
+# scenario so its first event is now: its timers then fire by event time, as in the story, instead
+# of all at once on the wall clock (which is past the scenario's dates).
+"$bin" produce --brokers "$brokers" --topic "$WAYMARK_KAFKA_INPUT_TOPICS" --rate 4 --retime config/scenario/seed-events.jsonl
 sleep 3
 echo "== output records (entries, steps, conversions), in event-time order"
 "$bin" tail --brokers "$brokers" --idle 3s --format pretty \

@@ -65,6 +65,9 @@ enum Command {
         /// Stop after this many records.
         #[arg(long)]
         limit: Option<u64>,
+        /// Shift every event's timestamp by one amount so the first is now.
+        #[arg(long)]
+        retime: bool,
         file: PathBuf,
     },
     /// Print the records of topics from the beginning.
@@ -197,8 +200,9 @@ fn main() -> ExitCode {
             topic,
             rate,
             limit,
+            retime,
             file,
-        } => match waymark::kafka::tools::produce(&brokers, &topic, &file, rate, limit) {
+        } => match waymark::kafka::tools::produce(&brokers, &topic, &file, rate, limit, retime) {
             Ok(n) => {
                 eprintln!("produced {n} record(s) to {topic}");
                 ExitCode::SUCCESS

@@ -17,15 +17,21 @@ use super::{base_config, producer_config};
 /// Produces each non-blank line of `file` (or stdin for `-`) to `topic`, keyed by the line's
 /// `userId` when it has one. Returns how many records were acknowledged.
 /// With `rate`, sends at most that many records per second (for latency measurements); `limit`
-/// stops after that many records.
+/// stops after that many records; `retime` shifts every event's `timestamp` by one amount so that
+/// the first is now (a scenario replayed live keeps its spacing, and no timer of it is already
+/// overdue on the wall clock).
 pub fn produce(
     brokers: &str,
     topic: &str,
     file: &Path,
     rate: Option<u64>,
     limit: Option<u64>,
+    retime: bool,
 ) -> anyhow::Result<u64> {
     let started = Instant::now();
+    let now = super::runtime::Clock::system().now_ms();
+    // With `retime`, every timestamp moves by the same amount, so the first event is now.
+    let mut first_time: Option<i64> = None;
     let producer: BaseProducer<Delivery> = producer_config(brokers)
         .create_with_context(Delivery::default())
         .context("creating a producer")?;
@@ -42,9 +48,26 @@ pub fn produce(
         if line.trim().is_empty() {
             continue;
         }
-        let key = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
+        let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
+        let key = parsed
+            .as_ref()
             .and_then(|v| v.get("userId").and_then(crate::event::id_text));
+        let line = match (retime, parsed) {
+            (true, Some(mut v)) => {
+                let t = match v.get("timestamp") {
+                    Some(serde_json::Value::String(s)) => crate::time::parse_rfc3339(s),
+                    Some(serde_json::Value::Number(n)) => n.as_i64(),
+                    _ => None,
+                };
+                if let Some(t) = t {
+                    let shift = *first_time.get_or_insert(now - t);
+                    v["timestamp"] =
+                        serde_json::Value::String(crate::time::format_millis(t + shift));
+                }
+                v.to_string()
+            }
+            _ => line,
+        };
         let mut rec = BaseRecord::with_opaque_to(topic, 0).payload(line.as_str());
         if let Some(k) = &key {
             rec = rec.key(k.as_str());
