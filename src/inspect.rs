@@ -44,6 +44,7 @@ pub fn user_sessions(
                 sessions.push(json!({
                     "application": app,
                     "journey_id": s.journey_id,
+                    "version": s.version,
                     "session_id": s.session_id,
                     "session_key": s.key,
                     "step": s.step,
@@ -67,8 +68,7 @@ pub fn list_journeys(set: &JourneySet) -> Value {
         .journeys
         .iter()
         .map(|j| {
-            let canonical = serde_json::to_string(&j.source).unwrap_or_default();
-            let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canonical.as_bytes()));
+            let version = &j.version;
             json!({
                 "id": j.id,
                 "application": j.application,

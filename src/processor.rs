@@ -5,12 +5,12 @@
 //! cares about), runs the pure [`Engine`], and stages what changed in [`State`]. It knows nothing
 //! of Kafka: `waymark replay` and `waymark run` both drive it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::engine::{Effects, Engine, EntryIntent, Refusal, UserSessions};
 use crate::event::Event;
-use crate::journey::JourneySet;
+use crate::journey::{Journey, JourneySet, Status};
 use crate::record::Record;
 use crate::store::{State, Store, StoreError, TimerRef};
 use crate::time::Millis;
@@ -52,8 +52,13 @@ pub struct Processor<S: Store> {
     /// The next timers, read ahead in one scan and fired in order; dropped when a new timer would
     /// sort before the last of them. An entry whose session has moved on is skipped when fired.
     due: VecDeque<TimerRef>,
+    /// Journey versions whose definitions this store holds (`journey/ID/VERSION` in meta), so an
+    /// instance that takes the partition over runs each session on the version it entered.
+    persisted: HashMap<String, HashSet<String>>,
     fx: Effects,
 }
+
+const META_JOURNEY: &str = "journey/";
 
 /// Due timers read per scan.
 const DUE_BATCH: usize = 256;
@@ -61,11 +66,47 @@ const DUE_BATCH: usize = 256;
 impl<S: Store> Processor<S> {
     pub fn new(journeys: Arc<JourneySet>, state: State<S>) -> Result<Processor<S>, StoreError> {
         let next_timer = state.next_timer();
+        // Versions stored with the state, compiled again: sessions may still be on them.
+        let mut persisted: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut older = Vec::new();
+        for (key, value) in state.meta_with_prefix(META_JOURNEY)? {
+            let mut parts = key[META_JOURNEY.len()..].rsplitn(2, '/');
+            let (Some(version), Some(id)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            persisted
+                .entry(id.to_string())
+                .or_default()
+                .insert(version.to_string());
+            if journeys.has_version(id, version) {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&value);
+            match crate::journey::parse_journey(&key, &text) {
+                Ok(mut j) => {
+                    // The stored text is the definition; keep the version it was stored under.
+                    j.version = version.to_string();
+                    older.push(Arc::new(j));
+                }
+                Err(problems) => {
+                    return Err(StoreError::Corrupt {
+                        key,
+                        reason: format!("{} problem(s) in a stored journey", problems.len()),
+                    })
+                }
+            }
+        }
+        let set = if older.is_empty() {
+            journeys
+        } else {
+            Arc::new(JourneySet::with_versions(journeys.journeys.clone(), older))
+        };
         Ok(Processor {
-            engine: Engine::new(journeys),
+            engine: Engine::new(set),
             state,
             next_timer,
             due: VecDeque::new(),
+            persisted,
             fx: Effects::default(),
         })
     }
@@ -83,8 +124,53 @@ impl<S: Store> Processor<S> {
     }
 
     /// Replaces the journey set (a reload).
+    /// Replaces the journey set (a reload). Versions of the old set stay available to the
+    /// sessions on them.
     pub fn set_journeys(&mut self, journeys: Arc<JourneySet>) {
-        self.engine = Engine::new(journeys);
+        let older: Vec<Arc<Journey>> = self
+            .engine
+            .journeys()
+            .all_versions()
+            .filter(|j| !journeys.has_version(&j.id, &j.version))
+            .cloned()
+            .collect();
+        let set = JourneySet::with_versions(journeys.journeys.clone(), older);
+        self.engine = Engine::new(Arc::new(set));
+    }
+
+    /// Ends every session of an archived journey (exit reason `archived`, at `at`).
+    pub fn archive_sessions(&mut self, at: Millis, out: &mut Output) -> Result<(), StoreError> {
+        let archived: HashSet<String> = self
+            .engine
+            .journeys()
+            .journeys
+            .iter()
+            .filter(|j| j.status == Status::Archived)
+            .map(|j| j.id.clone())
+            .collect();
+        if archived.is_empty() {
+            return Ok(());
+        }
+        let mut users: Vec<(String, String)> = Vec::new();
+        self.state.all_sessions(&mut |app, s| {
+            if archived.contains(&s.journey_id) {
+                users.push((app.to_string(), s.user_id));
+            }
+            true
+        })?;
+        users.sort();
+        users.dedup();
+        for (app, user) in users {
+            let mut us = self.load(&app, &user)?;
+            for ix in 0..us.len() {
+                if us.is_active(ix) && archived.contains(&us.session(ix).journey_id) {
+                    self.engine.archive(&mut us, ix, at, &mut self.fx);
+                }
+            }
+            self.save(&app, &user, us);
+        }
+        out.take_effects(&mut self.fx);
+        Ok(())
     }
 
     /// The earliest pending timer, if any.
@@ -161,7 +247,24 @@ impl<S: Store> Processor<S> {
     fn save(&mut self, application: &str, user: &str, us: UserSessions) {
         let mut earliest: Option<Millis> = None;
         let state = &mut self.state;
+        let persisted = &mut self.persisted;
+        let journeys = self.engine.journeys();
         let kept = us.finish(|c| {
+            if let crate::engine::ChangeRef::Put { session: s, .. } = c {
+                let known = persisted
+                    .get(&s.journey_id)
+                    .is_some_and(|v| v.contains(&s.version));
+                if !known {
+                    if let Some(j) = journeys.version(&s.journey_id, &s.version) {
+                        let key = format!("{META_JOURNEY}{}/{}", j.id, j.version);
+                        state.stage_meta(&key, j.source.to_string().into_bytes());
+                        persisted
+                            .entry(j.id.clone())
+                            .or_default()
+                            .insert(j.version.clone());
+                    }
+                }
+            }
             if let Some(due) = state.stage_change(application, c) {
                 earliest = Some(earliest.map_or(due, |e: Millis| e.min(due)));
             }

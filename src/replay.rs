@@ -142,7 +142,12 @@ pub fn replay(
             }
         };
         clock = Some(clock.map_or(time, |c| c.max(time)));
-        if journeys.interest(raw.application(), raw.name()).is_none() {
+        if proc
+            .engine()
+            .journeys()
+            .interest(raw.application(), raw.name())
+            .is_none()
+        {
             proc.fire_due(time, &mut output)?;
         } else {
             let ev = match raw.into_event(Some(time), || format!("replay/0/{my_offset}")) {

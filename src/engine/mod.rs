@@ -122,7 +122,11 @@ impl Engine {
             if !us.is_active(ix) {
                 continue;
             }
-            let Some(journey) = self.journeys.get(&us.session(ix).journey_id).cloned() else {
+            let Some(journey) = self
+                .journeys
+                .version(&us.session(ix).journey_id, &us.session(ix).version)
+                .cloned()
+            else {
                 continue;
             };
             if journey.application != ev.application || !id_matches(&journey, us.session(ix), ev) {
@@ -169,7 +173,11 @@ impl Engine {
             if !us.is_active(ix) {
                 continue;
             }
-            let Some(journey) = self.journeys.get(&us.session(ix).journey_id).cloned() else {
+            let Some(journey) = self
+                .journeys
+                .version(&us.session(ix).journey_id, &us.session(ix).version)
+                .cloned()
+            else {
                 continue;
             };
             if journey.application != ev.application {
@@ -313,6 +321,7 @@ impl Engine {
         }));
         let ix = us.insert(Session {
             journey_id: journey.id.clone(),
+            version: journey.version.clone(),
             user_id: intent.user_id.clone(),
             key: intent.session_key.clone(),
             session_id,
@@ -342,7 +351,11 @@ impl Engine {
         if !us.is_active(ix) || us.session(ix).timer != Some(due) {
             return false;
         }
-        let Some(journey) = self.journeys.get(&us.session(ix).journey_id).cloned() else {
+        let Some(journey) = self
+            .journeys
+            .version(&us.session(ix).journey_id, &us.session(ix).version)
+            .cloned()
+        else {
             return false;
         };
         let Some(step_ix) = journey.step_ix(&us.session(ix).step) else {
@@ -377,6 +390,20 @@ impl Engine {
             _ => {}
         }
         true
+    }
+
+    /// Ends session `ix` because its journey was archived (exit reason `archived`, at `at`).
+    pub fn archive(&self, us: &mut UserSessions, ix: usize, at: Millis, fx: &mut Effects) {
+        if !us.is_active(ix) {
+            return;
+        }
+        let s = us.session(ix);
+        let Some(journey) = self.journeys.version(&s.journey_id, &s.version).cloned() else {
+            return;
+        };
+        let step = s.step.clone();
+        let cause = Cause { event: None, at };
+        self.end(&journey, us, ix, &step, "archived", cause, None, fx);
     }
 
     /// Moves session `ix` from `from` to `to` (or ends it when `to` is `None`).

@@ -9,6 +9,9 @@ use crate::time::Millis;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     pub journey_id: String,
+    /// The journey version the session entered with; it continues on that version.
+    #[serde(default)]
+    pub version: String,
     pub user_id: String,
     /// The session identifier's value in `multiple` mode; `None` in `single` mode.
     pub key: Option<String>,

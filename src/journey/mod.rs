@@ -192,6 +192,8 @@ pub struct Journey {
     pub goals: Vec<Goal>,
     /// The definition as written, for versioning and inspection.
     pub source: Value,
+    /// A hash of the definition: a changed journey is a new version.
+    pub version: String,
     /// Where it was loaded from.
     pub file: String,
 }
@@ -224,14 +226,29 @@ pub struct Interest {
 /// All loaded journeys, sorted by id, with an index from (application, event) to interest.
 #[derive(Debug, Default, Clone)]
 pub struct JourneySet {
+    /// The current journeys, sorted by id.
     pub journeys: Vec<Arc<Journey>>,
+    /// Every version sessions may be on: the current ones and older ones still in use.
+    versions: HashMap<String, HashMap<String, Arc<Journey>>>,
     interest: HashMap<String, HashMap<String, Interest>>,
 }
 
 impl JourneySet {
-    pub fn new(mut journeys: Vec<Journey>) -> JourneySet {
+    pub fn new(journeys: Vec<Journey>) -> JourneySet {
+        JourneySet::with_versions(journeys.into_iter().map(Arc::new).collect(), Vec::new())
+    }
+
+    /// The current journeys plus older versions that sessions may still be on. Entries use the
+    /// current journeys only; waits, goals and timers of a session use the version it entered.
+    pub fn with_versions(mut journeys: Vec<Arc<Journey>>, older: Vec<Arc<Journey>>) -> JourneySet {
         journeys.sort_by(|a, b| a.id.cmp(&b.id));
-        let journeys: Vec<Arc<Journey>> = journeys.into_iter().map(Arc::new).collect();
+        let mut versions: HashMap<String, HashMap<String, Arc<Journey>>> = HashMap::new();
+        for j in older.iter().chain(journeys.iter()) {
+            versions
+                .entry(j.id.clone())
+                .or_default()
+                .insert(j.version.clone(), j.clone());
+        }
         let mut interest: HashMap<String, HashMap<String, Interest>> = HashMap::new();
         for (ix, j) in journeys.iter().enumerate() {
             let app = interest.entry(j.application.clone()).or_default();
@@ -239,6 +256,9 @@ impl JourneySet {
                 .or_default()
                 .entries
                 .push(ix);
+        }
+        for j in versions.values().flat_map(|v| v.values()) {
+            let app = interest.entry(j.application.clone()).or_default();
             let mut listened: Vec<&str> = j.goals.iter().map(|g| g.event.as_str()).collect();
             for s in &j.steps {
                 if let StepKind::WaitForTrigger { event, .. } = &s.kind {
@@ -249,7 +269,31 @@ impl JourneySet {
                 app.entry(e.to_string()).or_default().sessions = true;
             }
         }
-        JourneySet { journeys, interest }
+        JourneySet {
+            journeys,
+            versions,
+            interest,
+        }
+    }
+
+    /// The version `version` of journey `id`, or the current one when that version is unknown.
+    pub fn version(&self, id: &str, version: &str) -> Option<&Arc<Journey>> {
+        self.versions
+            .get(id)
+            .and_then(|v| v.get(version))
+            .or_else(|| self.get(id))
+    }
+
+    /// Every version held, current ones included.
+    pub fn all_versions(&self) -> impl Iterator<Item = &Arc<Journey>> {
+        self.versions.values().flat_map(|v| v.values())
+    }
+
+    /// Whether this exact version is held.
+    pub fn has_version(&self, id: &str, version: &str) -> bool {
+        self.versions
+            .get(id)
+            .is_some_and(|v| v.contains_key(version))
     }
 
     /// What the event `name` of `application` means here; `None` when no journey cares.

@@ -90,6 +90,10 @@ pub fn compile_journey(file: &str, v: &Value) -> Result<Journey, Vec<Problem>> {
             start,
             steps,
             goals,
+            version: format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(v.to_string().as_bytes())
+            ),
             source: v.clone(),
             file: file.to_string(),
         }),

@@ -469,8 +469,10 @@ impl Core {
         };
         let parts = self.partitions;
         let part = self.parts.get_mut(&p).expect("owned");
-        if self
-            .journeys
+        if part
+            .proc
+            .engine()
+            .journeys()
             .interest(raw.application(), raw.name())
             .is_none()
         {

@@ -488,6 +488,19 @@ impl<S: Store> State<S> {
         self.get(Table::Meta, key.as_bytes())
     }
 
+    /// Metadata entries whose key starts with `prefix`.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        self.scan(Table::Meta, prefix.as_bytes(), None, &mut |k, v| {
+            if !k.starts_with(prefix.as_bytes()) {
+                return false;
+            }
+            out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
     pub fn stage_meta(&mut self, key: &str, value: Vec<u8>) {
         self.stage(Table::Meta, key.as_bytes().to_vec(), Some(value));
     }
