@@ -64,6 +64,19 @@ pub fn run(config_file: Option<&Path>, overrides: &[(&str, toml::Value)]) -> Res
                 }
             })
         };
+        let reload = Arc::new(AtomicBool::new(false));
+        {
+            let reload = reload.clone();
+            tokio::spawn(async move {
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .expect("SIGHUP handler");
+                while hup.recv().await.is_some() {
+                    info!("SIGHUP: reloading the journeys");
+                    reload.store(true, Ordering::SeqCst);
+                }
+            });
+        }
         {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -95,7 +108,7 @@ pub fn run(config_file: Option<&Path>, overrides: &[(&str, toml::Value)]) -> Res
                 shutdown.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                crate::kafka::runtime::run(cfg, journeys, metrics, partitions, shutdown)
+                crate::kafka::runtime::run(cfg, journeys, metrics, partitions, shutdown, reload)
             })
         };
         let result = worker.await;

@@ -600,3 +600,67 @@ fn a_second_signal_exits_at_once() {
     // Either the first signal's drain finished first (0) or the second cut it short (130).
     assert!(matches!(status.code(), Some(0) | Some(130)), "{status}");
 }
+
+/// Live journey changes: a valid change is applied on SIGHUP (new entries use it, existing
+/// sessions stay on their version); an invalid change is refused whole and the old set kept.
+#[test]
+fn journeys_reload_on_sighup_and_an_invalid_set_is_refused_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = tmp.path().join("journeys");
+    let v1 = json!({"id": "j", "application": "app", "entry": {"event": "Start"},
+        "steps": [{"id": "w1", "type": "wait_for_trigger", "event": "Go", "next": "x"}, {"id": "x", "type": "exit"}]});
+    let v2 = json!({"id": "j", "application": "app", "entry": {"event": "Start"},
+        "steps": [{"id": "w2", "type": "wait_for_trigger", "event": "Go", "next": "y"}, {"id": "y", "type": "exit"}]});
+    write_journey(&jdir, &v1);
+    let (_t2, s) = setup("reload", &jdir, 2);
+    let mut a = s.start("a");
+    a.wait_ready(Duration::from_secs(60));
+    let t = now_ms();
+    let start = |u: &str, n: i64| json!({"application": "app", "event": "Start", "userId": u, "timestamp": t + n, "eventId": format!("s-{u}")});
+    produce_events(&s.names.events, &[start("old", 0)]);
+    let _ = read_until(
+        std::slice::from_ref(&s.names.entries),
+        Duration::from_secs(30),
+        |g| !g.is_empty(),
+    );
+    write_journey(&jdir, &v2);
+    a.signal("HUP");
+    let wait_log = |needle: &str| {
+        for _ in 0..100 {
+            if a.log_text().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no {needle:?} in the log:\n{}", a.log_text());
+    };
+    wait_log("journeys reloaded");
+    // An invalid set is refused whole.
+    std::fs::write(jdir.join("broken.json"), r#"{"id": "broken"}"#).unwrap();
+    a.signal("HUP");
+    wait_log("journey reload refused");
+    produce_events(&s.names.events, &[start("new", 1)]);
+    let go = |u: &str, n: i64| json!({"application": "app", "event": "Go", "userId": u, "timestamp": t + n, "eventId": format!("g-{u}")});
+    produce_events(&s.names.events, &[go("old", 2), go("new", 3)]);
+    let steps = read_until(
+        std::slice::from_ref(&s.names.steps),
+        Duration::from_secs(30),
+        |g| g.len() >= 4,
+    );
+    let moves: Vec<String> = steps
+        .iter()
+        .map(Got::json)
+        .filter(|v| v["type"] == "step_advance")
+        .map(|v| {
+            format!(
+                "{} {}->{}",
+                v["user_id"].as_str().unwrap(),
+                v["from"].as_str().unwrap(),
+                v["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(moves.contains(&"old w1->x".to_string()), "{moves:?}");
+    assert!(moves.contains(&"new w2->y".to_string()), "{moves:?}");
+    assert!(a.stop().success());
+}

@@ -209,6 +209,11 @@ impl Core {
                         active,
                     },
                 );
+                // Sessions of journeys archived while this partition was elsewhere end now.
+                let now = self.clock.now_ms();
+                let part = self.parts.get_mut(p).expect("opened above");
+                part.proc.archive_sessions(now, &mut self.out)?;
+                self.publish(*p, None, false);
             }
             let part = self.parts.get_mut(p).expect("opened above");
             let stored = part
@@ -720,6 +725,36 @@ impl Core {
         Ok(())
     }
 
+    /// Loads the journeys directory again: applies the new set whole, or refuses it whole and
+    /// keeps the current one. Sessions stay on the version they entered with; sessions of
+    /// journeys now archived end.
+    fn reload(&mut self) -> anyhow::Result<()> {
+        match crate::journey::load_dir(&self.cfg.journeys.dir) {
+            Err(e) => {
+                warn!(
+                    problems = e.0.len(),
+                    "journey reload refused, keeping the current set: {}",
+                    e.to_string().replace('\n', " ")
+                );
+            }
+            Ok(set) => {
+                let set = Arc::new(set);
+                self.journeys = set.clone();
+                let now = self.clock.now_ms();
+                let mut ps: Vec<i32> = self.parts.keys().copied().collect();
+                ps.sort();
+                for p in ps {
+                    let part = self.parts.get_mut(&p).expect("listed");
+                    part.proc.set_journeys(set.clone());
+                    part.proc.archive_sessions(now, &mut self.out)?;
+                    self.publish(p, None, false);
+                }
+                info!(journeys = set.len(), "journeys reloaded");
+            }
+        }
+        Ok(())
+    }
+
     /// Fires wall-clock timers on caught-up partitions and refreshes the lag gauges.
     fn tick(&mut self, high: &HashMap<(String, i32), i64>, idle: bool) -> anyhow::Result<()> {
         self.last_tick = Instant::now();
@@ -846,6 +881,26 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// What the journeys directory holds: names, sizes and modification times of its files.
+fn dir_signature(dir: &std::path::Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((
+                        e.file_name().to_string_lossy().into_owned(),
+                        m.len(),
+                        m.modified().ok(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
 /// Runs the service until `shutdown` is set; returns after draining and committing.
 pub fn run(
     cfg: Config,
@@ -853,6 +908,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     partitions: i32,
     shutdown: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let producer: BaseProducer<Delivery> = producer_config(&cfg.kafka.brokers)
         .create_with_context(Delivery {
@@ -902,6 +958,8 @@ pub fn run(
     info!(topics = %topics.join(","), group = %cfg.kafka.group_id, partitions, "consuming");
     let tick = Duration::from_millis(cfg.processing.timer_tick_ms);
     let mut loops: u64 = 0;
+    let mut journeys_seen = dir_signature(&cfg.journeys.dir);
+    let mut last_look = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
         let msg = consumer.poll(Duration::from_millis(20));
         let mut core = core.lock().expect("not poisoned");
@@ -930,6 +988,18 @@ pub fn run(
             }
         }
         loops = loops.wrapping_add(1);
+        // Journey changes: SIGHUP, or a file of the directory changed (looked at every 2 s).
+        if (idle || loops % 64 == 0) && last_look.elapsed() >= Duration::from_secs(2) {
+            last_look = Instant::now();
+            let now_seen = dir_signature(&cfg.journeys.dir);
+            if now_seen != journeys_seen {
+                journeys_seen = now_seen;
+                reload.store(true, Ordering::SeqCst);
+            }
+        }
+        if reload.swap(false, Ordering::SeqCst) {
+            core.reload()?;
+        }
         if (idle || loops % 64 == 0) && core.last_tick.elapsed() >= tick {
             let high = consumer
                 .context()
