@@ -553,20 +553,7 @@ fn refuses_to_start_when_partition_counts_differ() {
     ))
     .unwrap();
     let mut a = s.start("a");
-    let status = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = a.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "did not refuse:\n{}",
-                a.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let status = a.wait_exit(Duration::from_secs(60), "(it should refuse to start)");
     assert_eq!(status.code(), Some(1), "{}", a.log_text());
     let log = a.log_text();
     assert!(
@@ -585,18 +572,7 @@ fn a_second_signal_exits_at_once() {
     a.wait_ready(Duration::from_secs(60));
     a.signal("TERM");
     a.signal("TERM");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = a.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running:\n{}",
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = a.wait_exit(Duration::from_secs(20), "after two SIGTERMs");
     // Either the first signal's drain finished first (0) or the second cut it short (130).
     assert!(matches!(status.code(), Some(0) | Some(130)), "{status}");
 }

@@ -339,19 +339,15 @@ impl Core {
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_default();
-        let mut rec = BaseRecord::with_opaque_to(&self.cfg.topics.dlq, 0)
-            .key(&key)
-            .payload(m.payload().unwrap_or(&[]))
-            .headers(headers);
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return,
-                Err((_, r)) => {
-                    self.producer.poll(Duration::from_millis(50));
-                    rec = r;
-                }
-            }
-        }
+        let payload = m.payload().unwrap_or(&[]);
+        self.send(
+            &self.cfg.topics.dlq,
+            None,
+            &key,
+            payload,
+            Some(headers),
+            None,
+        );
     }
 
     fn handle(&mut self, m: &BorrowedMessage<'_>) {

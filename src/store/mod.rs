@@ -392,24 +392,7 @@ impl<S: Store> State<S> {
         if let Some(hit) = self.cache.get(&prefix) {
             return Ok(hit.clone());
         }
-        let mut out = Vec::new();
-        let mut err = None;
-        self.scan(Table::Sessions, &prefix, Some(&prefix), &mut |k, v| {
-            match serde_json::from_slice::<Session>(v) {
-                Ok(s) => out.push(s),
-                Err(e) => {
-                    err = Some(StoreError::Corrupt {
-                        key: String::from_utf8_lossy(k).into_owned(),
-                        reason: e.to_string(),
-                    });
-                    return false;
-                }
-            }
-            true
-        })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
+        let out = self.read_user_sessions(&prefix)?;
         if self.cache_capacity > 0 {
             if self.cache.len() >= self.cache_capacity {
                 self.cache.clear();
@@ -425,11 +408,30 @@ impl<S: Store> State<S> {
         let prefix = user_prefix(application, user);
         match self.cache.remove(&prefix) {
             Some(list) => Ok(list),
-            None => {
-                let list = self.user_sessions(application, user)?;
-                self.cache.remove(&prefix);
-                Ok(list)
+            None => self.read_user_sessions(&prefix),
+        }
+    }
+
+    /// The sessions under a user prefix, staged writes merged over the store.
+    fn read_user_sessions(&self, prefix: &[u8]) -> Result<Vec<Session>> {
+        let mut out = Vec::new();
+        let mut err = None;
+        self.scan(Table::Sessions, prefix, Some(prefix), &mut |k, v| {
+            match serde_json::from_slice::<Session>(v) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    err = Some(StoreError::Corrupt {
+                        key: String::from_utf8_lossy(k).into_owned(),
+                        reason: e.to_string(),
+                    });
+                    return false;
+                }
             }
+            true
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
         }
     }
 

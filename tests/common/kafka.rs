@@ -200,16 +200,21 @@ impl Instance {
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(40);
+        self.wait_exit(Duration::from_secs(40), "after SIGTERM")
+    }
+
+    /// Waits for the process to exit; kills it and fails the test after `within`.
+    pub fn wait_exit(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("waymark did not exit after SIGTERM:\n{}", self.log_text());
+                panic!("waymark did not exit {what}:\n{}", self.log_text());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
