@@ -30,6 +30,8 @@ pub struct KafkaConfig {
     pub partitions: i32,
     pub replication_factor: i32,
     pub session_timeout_ms: u64,
+    pub transactional_id: String,
+    pub transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -39,12 +41,14 @@ pub struct TopicsConfig {
     pub conversions: String,
     pub dlq: String,
     pub route: String,
+    pub changelog: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct StateConfig {
     pub dir: PathBuf,
     pub sync: bool,
+    pub changelog: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,11 +63,20 @@ pub struct MetricsConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProcessingConfig {
+    pub guarantee: Guarantee,
     pub commit_interval_ms: u64,
     pub commit_max_records: usize,
     pub max_event_bytes: usize,
     pub timer_tick_ms: u64,
     pub clock_offset_ms: i64,
+}
+
+/// What `waymark run` promises about each input's effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 /// Every problem found in the configuration.
@@ -81,7 +94,12 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// Environment variables that are not configuration keys.
-const NOT_CONFIG: &[&str] = &["WAYMARK_LOG", "WAYMARK_BLESS", "WAYMARK_LOG_FORMAT"];
+const NOT_CONFIG: &[&str] = &[
+    "WAYMARK_LOG",
+    "WAYMARK_BLESS",
+    "WAYMARK_LOG_FORMAT",
+    "WAYMARK_FAILPOINT",
+];
 
 /// Loads the configuration. `file`: an explicit path must exist; `overrides`: `(section.key,
 /// value)` pairs from flags; `env`: the environment (pass `std::env::vars()`).
@@ -194,6 +212,13 @@ pub fn load(
             }
         }
     }
+    if let Some(Value::String(g)) = merged.get("processing").and_then(|p| p.get("guarantee")) {
+        if g != "at_least_once" && g != "exactly_once" {
+            errors.push(format!(
+                "processing.guarantee: {g:?} is not a guarantee; use \"at_least_once\" or \"exactly_once\""
+            ));
+        }
+    }
     // Unknown keys were not merged, so the values can be checked even when some were refused;
     // only a value of the wrong type stops that.
     let cfg: Config = match Value::Table(merged).try_into() {
@@ -272,7 +297,14 @@ impl Config {
             ));
         }
         let t = &self.topics;
-        let outputs = [&t.entries, &t.steps, &t.conversions, &t.dlq, &t.route];
+        let outputs = [
+            &t.entries,
+            &t.steps,
+            &t.conversions,
+            &t.dlq,
+            &t.route,
+            &t.changelog,
+        ];
         for (i, a) in outputs.iter().enumerate() {
             if a.trim().is_empty() {
                 e.push(format!("topics: topic name #{} is empty", i + 1));
@@ -283,14 +315,18 @@ impl Config {
                 ));
             }
         }
-        if t.route == t.entries
-            || t.route == t.steps
-            || t.route == t.conversions
-            || t.route == t.dlq
-        {
+        for (name, topic) in [("route", &t.route), ("changelog", &t.changelog)] {
+            let others = [&t.entries, &t.steps, &t.conversions, &t.dlq];
+            if others.contains(&topic) {
+                e.push(format!(
+                    "topics.{name}: {topic} must not be an output topic"
+                ));
+            }
+        }
+        if t.route == t.changelog {
             e.push(format!(
-                "topics.route: {} must not be an output topic",
-                t.route
+                "topics.changelog: {} is also the route topic; they must differ",
+                t.changelog
             ));
         }
         if self.metrics.addr.parse::<std::net::SocketAddr>().is_err() {
@@ -298,6 +334,9 @@ impl Config {
                 "metrics.addr: {:?} is not host:port such as 127.0.0.1:9464",
                 self.metrics.addr
             ));
+        }
+        if self.kafka.transaction_timeout_ms < 1000 {
+            e.push("kafka.transaction_timeout_ms: must be at least 1000".into());
         }
         if self.processing.commit_interval_ms == 0 {
             e.push("processing.commit_interval_ms: must be at least 1".into());

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -30,6 +30,11 @@ pub struct Metrics {
     pub rebalances: IntCounter,
     pub partitions_assigned: IntGauge,
     pub commit_seconds: HistogramVec,
+    pub transactions: IntCounterVec,
+    pub fenced: IntCounter,
+    pub changelog_records: IntCounter,
+    pub restore_records: IntCounterVec,
+    pub restore_seconds: GaugeVec,
     pub ready: IntGauge,
     pub ready_flag: AtomicBool,
 }
@@ -94,14 +99,48 @@ impl Metrics {
         let commit = HistogramVec::new(
             HistogramOpts::new(
                 "waymark_commit_seconds",
-                "Time to make a batch durable: waiting for output acks, then the state write",
+                "Time to make a batch durable, by phase: acks (outputs and changelog acknowledged), group (offsets committed to the group), transaction (exactly_once: the transaction committed), state (the local write)",
             )
             .buckets(latency_buckets.clone()),
             &["phase"],
         )
         .expect("valid metric");
         r.register(Box::new(commit.clone())).expect("unique metric");
+        let restore_seconds = GaugeVec::new(
+            Opts::new(
+                "waymark_restore_seconds",
+                "Duration of the partition's last restore from the changelog",
+            ),
+            &["partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(restore_seconds.clone()))
+            .expect("unique metric");
         Arc::new(Metrics {
+            transactions: counter_vec(
+                &r,
+                "waymark_transactions_total",
+                "Kafka transactions ended (exactly_once), by outcome: committed or aborted",
+                &["outcome"],
+            ),
+            fenced: counter(
+                &r,
+                "waymark_fenced_total",
+                "Times this instance found it no longer owned its partitions (a newer group generation or producer took over) and dropped its uncommitted work",
+            ),
+            changelog_records: counter(
+                &r,
+                "waymark_changelog_records_total",
+                "Records written to the changelog topic (changes and batch markers)",
+            ),
+            restore_records: counter_vec(
+                &r,
+                "waymark_restore_records_total",
+                "Changelog records read while restoring a partition",
+                &["partition"],
+            ),
+            restore_seconds,
+
             events_consumed: counter_vec(
                 &r,
                 "waymark_events_consumed_total",

@@ -550,6 +550,7 @@ fn refuses_to_start_when_partition_counts_differ() {
         &brokers(),
         &[(s.names.events.clone(), 2), (s.names.route.clone(), 3)],
         1,
+        &[],
     ))
     .unwrap();
     let mut a = s.start("a");

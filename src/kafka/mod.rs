@@ -3,6 +3,7 @@
 //!
 //! - [`runtime`]: `waymark run`, the consumer-group service around the processor.
 
+pub mod changelog;
 pub mod runtime;
 pub mod tools;
 
@@ -100,13 +101,14 @@ pub fn topic_partitions(brokers: &str, timeout: Duration) -> anyhow::Result<Hash
         .collect())
 }
 
-/// Creates the missing topics (`(name, partitions)`), then waits until every one is visible with
-/// a leader for each partition: a broker may answer UnknownTopicOrPartition for a moment after
-/// creation.
+/// Creates the missing topics (`(name, partitions)`; those named in `compacted` with
+/// `cleanup.policy=compact`), then waits until every one is visible with a leader for each
+/// partition: a broker may answer UnknownTopicOrPartition for a moment after creation.
 pub async fn ensure_topics(
     brokers: &str,
     topics: &[(String, i32)],
     replication: i32,
+    compacted: &[&str],
 ) -> anyhow::Result<HashMap<String, i32>> {
     let timeout = Duration::from_secs(10);
     let existing = topic_partitions(brokers, timeout)?;
@@ -120,7 +122,14 @@ pub async fn ensure_topics(
             .context("creating an admin client")?;
         let new: Vec<NewTopic> = missing
             .iter()
-            .map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(replication)))
+            .map(|(t, n)| {
+                let topic = NewTopic::new(t, *n, TopicReplication::Fixed(replication));
+                if compacted.contains(&t.as_str()) {
+                    topic.set("cleanup.policy", "compact")
+                } else {
+                    topic
+                }
+            })
             .collect();
         let results = admin
             .create_topics(
@@ -155,8 +164,8 @@ pub async fn ensure_topics(
     }
 }
 
-/// Creates what `waymark run` needs and checks co-partitioning: every input topic and the route
-/// topic must have the same number of partitions. Returns that number.
+/// Creates what `waymark run` needs and checks co-partitioning: every input topic, the route
+/// topic and the changelog must have the same number of partitions. Returns that number.
 pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
     let brokers = &cfg.kafka.brokers;
     let existing = topic_partitions(brokers, Duration::from_secs(10))?;
@@ -174,6 +183,11 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
         .map(|t| (t.clone(), n))
         .collect();
     wanted.push((cfg.topics.route.clone(), n));
+    let mut co_partitioned = vec![&cfg.topics.route];
+    if cfg.state.changelog {
+        wanted.push((cfg.topics.changelog.clone(), n));
+        co_partitioned.push(&cfg.topics.changelog);
+    }
     for t in [
         &cfg.topics.entries,
         &cfg.topics.steps,
@@ -182,14 +196,15 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
     ] {
         wanted.push((t.clone(), cfg.kafka.partitions));
     }
-    let now = ensure_topics(brokers, &wanted, cfg.kafka.replication_factor).await?;
+    let now = ensure_topics(
+        brokers,
+        &wanted,
+        cfg.kafka.replication_factor,
+        &[&cfg.topics.changelog],
+    )
+    .await?;
     let mut problems = Vec::new();
-    for t in cfg
-        .kafka
-        .input_topics
-        .iter()
-        .chain(std::iter::once(&cfg.topics.route))
-    {
+    for t in cfg.kafka.input_topics.iter().chain(co_partitioned) {
         let have = now[t];
         if have != n {
             problems.push(format!("{t} has {have} partitions"));
@@ -197,9 +212,9 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
     }
     if !problems.is_empty() {
         bail!(
-            "input and route topics must have the same number of partitions ({n}, as {} has), so that \
-             every user's state lives in one partition; but {}. Recreate the route topic with {n} \
-             partitions or use input topics of equal size.",
+            "input, route and changelog topics must have the same number of partitions ({n}, as {} \
+             has), so that every user's state lives in one partition; but {}. Recreate the route \
+             and changelog topics with {n} partitions or use input topics of equal size.",
             cfg.kafka.input_topics[0],
             problems.join(", ")
         );

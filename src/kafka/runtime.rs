@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::statistics::Statistics;
@@ -37,8 +37,8 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use super::{owner_of, producer_config};
-use crate::config::Config;
+use super::{changelog, owner_of, producer_config};
+use crate::config::{Config, Guarantee};
 use crate::engine::EntryIntent;
 use crate::event::{EventError, RawEvent};
 use crate::journey::JourneySet;
@@ -46,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::processor::{Output, Processor};
 use crate::record::{Record, Stream};
 use crate::store::rocks::RocksStore;
-use crate::store::State;
+use crate::store::{State, Store, Table};
 use crate::time::Millis;
 
 pub const HEADER_KIND: &str = "waymark-kind";
@@ -91,13 +91,19 @@ impl Clock {
 
 /// Counts delivery failures reported by the producer and, for output records, observes the
 /// latency from the input record's timestamp to the broker's acknowledgement. A record's delivery
-/// opaque is that timestamp in epoch milliseconds (0: not an output record).
+/// opaque is that timestamp in epoch milliseconds (0: not an output record), or
+/// `MARKER_OPAQUE | partition` for a changelog marker, whose offset is kept.
 #[derive(Default)]
 pub struct Delivery {
     failed: AtomicU64,
     last_error: Mutex<Option<String>>,
     latency: Option<prometheus::Histogram>,
+    /// Offset of the last acknowledged changelog marker, by partition.
+    markers: Mutex<HashMap<i32, i64>>,
 }
+
+/// Delivery opaque flag of changelog markers (record times stay far below it).
+const MARKER_OPAQUE: usize = 1 << 62;
 
 impl Delivery {
     /// `Err` with the count and the last error if any delivery failed since the last check.
@@ -125,6 +131,13 @@ impl ProducerContext for Delivery {
                 *self.last_error.lock().expect("not poisoned") =
                     Some(format!("{e} (topic {})", msg.topic()));
             }
+            Ok(msg) if record_time & MARKER_OPAQUE != 0 => {
+                let p = (record_time & !MARKER_OPAQUE) as i32;
+                self.markers
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(p, msg.offset());
+            }
             Ok(_) => {
                 if let (Some(h), true) = (&self.latency, record_time > 0) {
                     let now = Clock::system().now_ms();
@@ -138,6 +151,13 @@ impl ProducerContext for Delivery {
 /// One owned partition number: its store, and the next offset to apply per topic.
 struct Part {
     proc: Processor<RocksStore>,
+    /// This owner's epoch (one above the highest restored) and its name in the changelog.
+    epoch: u64,
+    writer: String,
+    /// A marker is owed even with nothing staged: the claim that fences older owners.
+    claim: bool,
+    /// The changelog offset the local store has reached (never goes backwards).
+    changelog_next: i64,
     /// `waymark_events_consumed_total` for each topic of this partition.
     consumed: HashMap<String, prometheus::IntCounter>,
     next: HashMap<String, i64>,
@@ -156,6 +176,11 @@ struct Core {
     journeys: Arc<JourneySet>,
     metrics: Arc<Metrics>,
     producer: BaseProducer<Delivery>,
+    /// Reads the changelog when a partition is restored (assigned by hand, no group).
+    restorer: Option<BaseConsumer>,
+    eos: bool,
+    /// Names this process in changelog writer names.
+    incarnation: String,
     partitions: i32,
     parts: HashMap<i32, Part>,
     out: Output,
@@ -164,6 +189,28 @@ struct Core {
     fatal: Option<anyhow::Error>,
     last_tick: Instant,
     clock: Clock,
+    /// Batches made durable so far, and the test failpoint `crash_after_acks:N`.
+    commits: u64,
+    crash_after_acks: Option<u64>,
+}
+
+/// Whether a group commit error means this member has been replaced.
+fn is_fenced(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::UnknownMemberId | C::IllegalGeneration | C::FencedInstanceId)
+    )
+}
+
+/// How a changelog restore ended.
+enum Restored {
+    Done(changelog::RestoreStats),
+    /// The local store is ahead of the changelog: it must be rebuilt from scratch.
+    Ahead {
+        local: i64,
+        end: i64,
+    },
 }
 
 impl Core {
@@ -171,7 +218,124 @@ impl Core {
         self.cfg.state.dir.join(format!("partition-{p}"))
     }
 
-    /// Opens stores for the assigned partitions and points each at the offset its store reached.
+    /// Brings a partition's local store up to the changelog's end: each writer's batch is applied
+    /// when its marker is read (see [`changelog`]).
+    fn restore(&self, p: i32, store: &RocksStore) -> anyhow::Result<Restored> {
+        let (Some(consumer), topic) = (&self.restorer, &self.cfg.topics.changelog) else {
+            return Ok(Restored::Done(Default::default()));
+        };
+        let from = changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
+            .unwrap_or(0);
+        let epoch = changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
+            .unwrap_or(0) as u64;
+        let t0 = Instant::now();
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(30))
+            .with_context(|| format!("reading the end of changelog {topic}/{p}"))?;
+        info!(
+            partition = p,
+            low,
+            high,
+            from,
+            ms = t0.elapsed().as_millis() as u64,
+            "restore: changelog watermarks"
+        );
+        if from > high {
+            return Ok(Restored::Ahead {
+                local: from,
+                end: high,
+            });
+        }
+        let start = from.max(low);
+        let mut replayer = changelog::Replayer::new(epoch);
+        if start >= high {
+            return Ok(Restored::Done(replayer.finish()));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+        consumer.assign(&tpl)?;
+        let counter = self
+            .metrics
+            .restore_records
+            .with_label_values(&[&p.to_string()]);
+        let mut batch = crate::store::Batch::default();
+        let mut last_progress = Instant::now();
+        let mut next = start;
+        let result = (|| -> anyhow::Result<()> {
+            while next < high {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        last_progress = Instant::now();
+                        next = m.offset() + 1;
+                        counter.inc();
+                        let writer = header(&m, changelog::HEADER_WRITER).unwrap_or_default();
+                        let key = m.key().unwrap_or_default();
+                        let closed = replayer
+                            .feed(m.offset(), &writer, key, m.payload())
+                            .map_err(|e| {
+                                anyhow!("changelog {topic}/{p} offset {}: {e}", m.offset())
+                            })?;
+                        if let Some(b) = closed {
+                            batch.ops.extend(b.ops);
+                            if batch.ops.len() >= 10_000 {
+                                store.write(&batch)?;
+                                batch.clear();
+                            }
+                        }
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => warn!(partition = p, error = %e, "restore: consumer error"),
+                    None => {}
+                }
+                if last_progress.elapsed() > Duration::from_secs(60) {
+                    bail!(
+                        "restoring partition {p}: no changelog record for 60 s at offset {next} of {high}"
+                    );
+                }
+            }
+            store.write(&batch)?;
+            info!(
+                partition = p,
+                ms = t0.elapsed().as_millis() as u64,
+                "restore: read to the end"
+            );
+            Ok(())
+        })();
+        let _ = consumer.unassign();
+        result?;
+        Ok(Restored::Done(replayer.finish()))
+    }
+
+    /// Opens a partition's store and restores it from the changelog, rebuilding it from scratch
+    /// when the local copy is ahead of the changelog (a recreated topic) or unreadable.
+    fn open_partition(&self, p: i32) -> anyhow::Result<(RocksStore, changelog::RestoreStats)> {
+        let dir = self.state_dir(p);
+        let store = RocksStore::open(&dir, self.cfg.state.sync)
+            .with_context(|| format!("opening the state of partition {p}"))?;
+        match self.restore(p, &store)? {
+            Restored::Done(stats) => Ok((store, stats)),
+            Restored::Ahead { local, end } => {
+                error!(
+                    partition = p,
+                    local,
+                    changelog_end = end,
+                    "the local state has restored further than the changelog holds (was the changelog topic recreated?): rebuilding it from the changelog"
+                );
+                drop(store);
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+                let store = RocksStore::open(&dir, self.cfg.state.sync)
+                    .with_context(|| format!("opening the state of partition {p}"))?;
+                match self.restore(p, &store)? {
+                    Restored::Done(stats) => Ok((store, stats)),
+                    Restored::Ahead { .. } => unreachable!("an empty store is at offset 0"),
+                }
+            }
+        }
+    }
+
+    /// Opens stores for the assigned partitions (restored from the changelog) and points each at
+    /// the offset its store reached.
     fn assign(&mut self, tpl: &mut TopicPartitionList) -> anyhow::Result<()> {
         let mut wanted: Vec<(String, i32)> = tpl
             .elements()
@@ -182,8 +346,19 @@ impl Core {
         for (topic, p) in &wanted {
             if !self.parts.contains_key(p) {
                 let started = Instant::now();
-                let store = RocksStore::open(&self.state_dir(*p), self.cfg.state.sync)
-                    .with_context(|| format!("opening the state of partition {p}"))?;
+                let (store, restored) = self.open_partition(*p)?;
+                let restore_ms = started.elapsed().as_millis() as u64;
+                self.metrics
+                    .restore_seconds
+                    .with_label_values(&[&p.to_string()])
+                    .set(started.elapsed().as_secs_f64());
+                let changelog_next =
+                    changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
+                        .unwrap_or(0);
+                let epoch =
+                    changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
+                        .unwrap_or(0) as u64
+                        + 1;
                 let proc = Processor::new(self.journeys.clone(), State::new(store)?)?;
                 let mut active: HashMap<String, i64> = HashMap::new();
                 proc.state().all_sessions(&mut |_, s| {
@@ -196,13 +371,22 @@ impl Core {
                 info!(
                     partition = p,
                     sessions = active.values().sum::<i64>(),
-                    ms = started.elapsed().as_millis() as u64,
+                    restored_records = restored.records,
+                    restored_batches = restored.batches,
+                    dropped_stale_batches = restored.stale_batches,
+                    dropped_unfinished_records = restored.unfinished,
+                    epoch,
+                    ms = restore_ms,
                     "partition state opened"
                 );
                 self.parts.insert(
                     *p,
                     Part {
                         proc,
+                        epoch,
+                        writer: format!("{}-p{p}-e{epoch}", self.incarnation),
+                        claim: self.restorer.is_some(),
+                        changelog_next,
                         next: HashMap::new(),
                         consumed: HashMap::new(),
                         dirty_offsets: false,
@@ -216,12 +400,7 @@ impl Core {
                 self.publish(*p, None, false);
             }
             let part = self.parts.get_mut(p).expect("opened above");
-            let stored = part
-                .proc
-                .state()
-                .get_meta(&offset_key(topic))?
-                .and_then(|v| v.try_into().ok())
-                .map(i64::from_be_bytes);
+            let stored = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?);
             // With no offset in the store, the partition's state is rebuilt from the start of the
             // input (the group's committed offset is only progress, never ahead of the store).
             let next = stored.unwrap_or(0);
@@ -235,19 +414,45 @@ impl Core {
         Ok(())
     }
 
-    /// Makes the batch durable, then closes every store. Returns the offsets to commit.
-    fn revoke_all(&mut self) -> anyhow::Result<TopicPartitionList> {
-        self.commit_batch()?;
-        let tpl = self.offsets();
-        for (p, part) in self.parts.drain() {
-            for (j, n) in &part.active {
-                self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
-            }
-            part.proc.state().flush()?;
-            info!(partition = p, "partition state closed");
+    /// Closes every store. Unless the partitions were lost to another member, the batch is made
+    /// durable first; a lost batch is dropped (its new owner redoes it).
+    fn revoke_all(&mut self, consumer: &BaseConsumer<Ctx>, lost: bool) -> anyhow::Result<()> {
+        if lost {
+            self.drop_batch()?;
+        } else {
+            self.commit_batch(consumer)?;
         }
-        self.metrics.partitions_assigned.set(0);
-        Ok(tpl)
+        self.close_all()
+    }
+
+    /// Drops the uncommitted batch of every partition: staged state, and (exactly_once) the open
+    /// transaction. Under at_least_once, outputs already sent stay sent (the next owner sends the
+    /// same records again).
+    fn drop_batch(&mut self) -> anyhow::Result<()> {
+        if self.eos {
+            self.producer
+                .abort_transaction(Duration::from_secs(30))
+                .map_err(|e| anyhow!("aborting the transaction: {e}"))?;
+            self.metrics
+                .transactions
+                .with_label_values(&["aborted"])
+                .inc();
+            self.producer
+                .begin_transaction()
+                .map_err(|e| anyhow!("beginning a transaction: {e}"))?;
+        }
+        self.producer.context().failed.store(0, Ordering::SeqCst);
+        for part in self.parts.values_mut() {
+            part.proc.discard()?;
+            part.dirty_offsets = false;
+            for (topic, next) in part.next.iter_mut() {
+                *next = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?)
+                    .unwrap_or(0);
+            }
+        }
+        self.batch_inputs = 0;
+        self.batch_started = Instant::now();
+        Ok(())
     }
 
     fn offsets(&self) -> TopicPartitionList {
@@ -270,9 +475,31 @@ impl Core {
         record_time: Option<Millis>,
     ) {
         let opaque = record_time.map_or(0, |t| t.max(0) as usize);
-        let mut rec = BaseRecord::with_opaque_to(topic, opaque)
-            .key(key)
-            .payload(value);
+        self.send_raw(
+            topic,
+            partition,
+            key.as_bytes(),
+            Some(value),
+            headers,
+            opaque,
+        );
+    }
+
+    /// Sends one record (`value` `None`: a tombstone), waiting while the producer's queue is full.
+    /// A record the producer refuses counts as a failed delivery: the batch will not commit.
+    fn send_raw(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        opaque: usize,
+    ) {
+        let mut rec = BaseRecord::with_opaque_to(topic, opaque).key(key);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
@@ -664,43 +891,31 @@ impl Core {
             return false;
         }
         let interval = Duration::from_millis(self.cfg.processing.commit_interval_ms);
-        (self.batch_inputs > 0 || self.parts.values().any(|p| p.proc.state().staged() > 0))
+        (self.batch_inputs > 0
+            || self
+                .parts
+                .values()
+                .any(|p| p.claim || p.proc.state().staged() > 0))
             && self.batch_started.elapsed() >= interval
     }
 
-    /// Waits for every output to be acknowledged, then writes state and offsets.
-    fn commit_batch(&mut self) -> anyhow::Result<()> {
+    /// Makes the batch durable. at_least_once: wait until the broker has acknowledged every
+    /// output and changelog record, commit the input offsets to the group (a member that has been
+    /// replaced learns it here and drops the batch), then write each partition's state, offsets
+    /// and changelog position in one local batch. exactly_once: commit outputs, changelog and
+    /// input offsets in one transaction, then write local state; an abortable error aborts,
+    /// drops the batch and rewinds the consumer to the last committed offsets.
+    fn commit_batch(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
         let staged = self
             .parts
             .values()
-            .any(|p| p.dirty_offsets || p.proc.state().staged() > 0);
+            .any(|p| p.dirty_offsets || p.claim || p.proc.state().staged() > 0);
         if self.batch_inputs == 0 && !staged {
             self.batch_started = Instant::now();
             return Ok(());
         }
         let t0 = Instant::now();
-        self.producer
-            .flush(Duration::from_secs(90))
-            .map_err(|e| anyhow!("outputs not acknowledged by the broker: {e}; state not committed, a restart replays them"))?;
-        let failed = self.producer.context().failed.swap(0, Ordering::SeqCst);
-        if failed > 0 {
-            let last = self
-                .producer
-                .context()
-                .last_error
-                .lock()
-                .expect("not poisoned")
-                .clone();
-            return Err(anyhow!(
-                "{failed} output record(s) could not be delivered (last error: {}); state not committed, a restart replays them",
-                last.unwrap_or_default()
-            ));
-        }
-        let acked = Instant::now();
-        self.metrics
-            .commit_seconds
-            .with_label_values(&["acks"])
-            .observe((acked - t0).as_secs_f64());
+        let offsets_dirty = self.parts.values().any(|p| p.dirty_offsets);
         for part in self.parts.values_mut() {
             if part.dirty_offsets {
                 for (topic, next) in &part.next {
@@ -708,16 +923,240 @@ impl Core {
                         .state_mut()
                         .stage_meta(&offset_key(topic), next.to_be_bytes().to_vec());
                 }
-                part.dirty_offsets = false;
             }
+        }
+        let marked = self.write_changelog();
+        if self.eos {
+            if !self.commit_transaction(consumer)? {
+                return Ok(()); // aborted and rewound
+            }
+        } else {
+            self.producer
+                .flush(Duration::from_secs(90))
+                .map_err(|e| anyhow!("outputs not acknowledged by the broker: {e}; state not committed, a restart replays them"))?;
+            self.producer
+                .context()
+                .check()
+                .map_err(|e| anyhow!("{e}; state not committed, a restart replays them"))?;
+        }
+        let acked = Instant::now();
+        self.metrics
+            .commit_seconds
+            .with_label_values(&[if self.eos { "transaction" } else { "acks" }])
+            .observe((acked - t0).as_secs_f64());
+        self.commits += 1;
+        if self.crash_after_acks == Some(self.commits) {
+            error!(
+                commit = self.commits,
+                "failpoint crash_after_acks: aborting after the outputs were acknowledged, before state and offsets are written"
+            );
+            std::process::abort();
+        }
+        if !self.eos && offsets_dirty {
+            let offsets = self.offsets();
+            match consumer.commit(&offsets, CommitMode::Sync) {
+                Ok(()) => {}
+                Err(e) if is_fenced(&e) => {
+                    // Another member owns these partitions now: what this batch changed is
+                    // theirs to redo. Close everything; the group will assign afresh.
+                    self.metrics.fenced.inc();
+                    warn!(error = %e, "this member was replaced in the group: dropping the uncommitted batch and closing its partitions");
+                    self.drop_batch()?;
+                    self.close_all()?;
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(error = %e, "group offset commit failed (progress only; the state store holds the offsets)")
+                }
+            }
+            self.metrics
+                .commit_seconds
+                .with_label_values(&["group"])
+                .observe(acked.elapsed().as_secs_f64());
+        }
+        let t_state = Instant::now();
+        let markers = std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .markers
+                .lock()
+                .expect("not poisoned"),
+        );
+        for (p, part) in self.parts.iter_mut() {
+            if marked.contains(p) {
+                let Some(&offset) = markers.get(p) else {
+                    bail!(
+                        "the changelog marker of partition {p} was acknowledged without an offset"
+                    );
+                };
+                let next = offset + 1;
+                if next < part.changelog_next {
+                    error!(
+                        partition = p,
+                        next,
+                        reached = part.changelog_next,
+                        "changelog position would go backwards"
+                    );
+                    bail!(
+                        "changelog position of partition {p} would go backwards ({} -> {next})",
+                        part.changelog_next
+                    );
+                }
+                part.changelog_next = next;
+                let state = part.proc.state_mut();
+                state.stage_meta(changelog::META_NEXT, next.to_be_bytes().to_vec());
+                state.stage_meta(changelog::META_EPOCH, part.epoch.to_be_bytes().to_vec());
+                part.claim = false;
+            }
+            part.dirty_offsets = false;
             part.proc.commit()?;
         }
         self.metrics
             .commit_seconds
             .with_label_values(&["state"])
-            .observe(acked.elapsed().as_secs_f64());
+            .observe(t_state.elapsed().as_secs_f64());
         self.batch_inputs = 0;
         self.batch_started = Instant::now();
+        Ok(())
+    }
+
+    /// Sends every staged change of every partition to the changelog, each partition's followed by
+    /// its marker. Returns the partitions that wrote a marker.
+    fn write_changelog(&mut self) -> Vec<i32> {
+        let mut marked = Vec::new();
+        if self.restorer.is_none() {
+            return marked;
+        }
+        let topic = &self.cfg.topics.changelog;
+        let mut sent = 0u64;
+        for (p, part) in &self.parts {
+            if !part.claim && part.proc.state().staged() == 0 {
+                continue;
+            }
+            let writer_header = || {
+                OwnedHeaders::new().insert(Header {
+                    key: changelog::HEADER_WRITER,
+                    value: Some(&part.writer),
+                })
+            };
+            for (table, key, value) in part.proc.state().pending() {
+                if changelog::is_local_meta(table, key) {
+                    continue;
+                }
+                let k = changelog::record_key(table, key);
+                self.send_raw(topic, Some(*p), &k, value, Some(writer_header()), 0);
+                sent += 1;
+            }
+            self.send_raw(
+                topic,
+                Some(*p),
+                &changelog::marker_key(&part.writer),
+                Some(&changelog::marker_value(part.epoch)),
+                Some(writer_header()),
+                MARKER_OPAQUE | *p as usize,
+            );
+            sent += 1;
+            marked.push(*p);
+        }
+        self.metrics.changelog_records.inc_by(sent);
+        marked
+    }
+
+    /// exactly_once: adds the input offsets to the open transaction and commits it. A timeout is
+    /// retried (never aborted: the commit may have happened); an abortable error aborts and
+    /// rewinds (returns false); anything else is fatal.
+    fn commit_transaction(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<bool> {
+        let timeout = Duration::from_secs(30);
+        if let Err(e) = self.producer.context().check() {
+            // A record the producer refused never joined the transaction: committing would lose it.
+            let _ = self.producer.abort_transaction(timeout);
+            bail!("{e}; transaction aborted, a restart replays the batch");
+        }
+        let offsets = self.offsets();
+        let attempt = (|| -> KafkaResult<()> {
+            if offsets.count() > 0 {
+                let gm = consumer
+                    .group_metadata()
+                    .ok_or_else(|| KafkaError::Subscription("no consumer group metadata".into()))?;
+                self.producer
+                    .send_offsets_to_transaction(&offsets, &gm, timeout)?;
+            }
+            loop {
+                match self.producer.commit_transaction(timeout) {
+                    Ok(()) => return Ok(()),
+                    Err(KafkaError::Transaction(e))
+                        if e.is_retriable() && !e.txn_requires_abort() =>
+                    {
+                        warn!(error = %e, "transaction commit not confirmed yet; retrying the commit");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })();
+        match attempt {
+            Ok(()) => {
+                self.metrics
+                    .transactions
+                    .with_label_values(&["committed"])
+                    .inc();
+                self.producer
+                    .begin_transaction()
+                    .map_err(|e| anyhow!("beginning a transaction: {e}"))?;
+                Ok(true)
+            }
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                warn!(error = %e, "transaction aborted: dropping the batch and rewinding to the last committed offsets");
+                self.rewind(consumer)?;
+                Ok(false)
+            }
+            Err(e) => {
+                if matches!(&e, KafkaError::Transaction(t) if t.code() == rdkafka::types::RDKafkaErrorCode::ProducerFenced || t.code() == rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch)
+                {
+                    self.metrics.fenced.inc();
+                }
+                Err(anyhow!(
+                    "transaction failed and cannot be recovered in this process: {e}"
+                ))
+            }
+        }
+    }
+
+    /// Aborts the open transaction, drops the batch and points the consumer back at the offsets
+    /// the stores hold (the last committed ones).
+    fn rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        self.drop_batch()?;
+        for (p, part) in self.parts.iter_mut() {
+            for (topic, next) in &part.next {
+                consumer
+                    .seek(topic, *p, Offset::Offset(*next), Duration::from_secs(10))
+                    .map_err(|e| anyhow!("rewinding {topic}/{p} to {next}: {e}"))?;
+            }
+            // Entries and exits of the dropped batch were counted: count again.
+            for (j, n) in part.active.drain() {
+                self.metrics.active_sessions.with_label_values(&[&j]).sub(n);
+            }
+            part.proc.state().all_sessions(&mut |_, s| {
+                *part.active.entry(s.journey_id).or_default() += 1;
+                true
+            })?;
+            for (j, n) in &part.active {
+                self.metrics.active_sessions.with_label_values(&[j]).add(*n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every partition's store without committing (after the batch was dropped).
+    fn close_all(&mut self) -> anyhow::Result<()> {
+        for (p, part) in self.parts.drain() {
+            for (j, n) in &part.active {
+                self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
+            }
+            part.proc.state().flush()?;
+            info!(partition = p, "partition state closed");
+        }
+        self.metrics.partitions_assigned.set(0);
         Ok(())
     }
 
@@ -835,6 +1274,13 @@ impl ConsumerContext for Ctx {
                     Ok(()) => {
                         if let Err(e) = consumer.assign(tpl) {
                             core.fatal = Some(anyhow!("assigning partitions: {e}"));
+                        } else if let Err(e) = if core.eos {
+                            Ok(())
+                        } else {
+                            core.commit_batch(consumer)
+                        } {
+                            // The claim markers (and records of archived sessions) go out now.
+                            core.fatal = Some(e);
                         } else {
                             let ps: Vec<String> = tpl
                                 .elements()
@@ -850,14 +1296,15 @@ impl ConsumerContext for Ctx {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.metrics.set_ready(false);
-                match core.revoke_all() {
-                    Ok(offsets) => {
-                        if offsets.count() > 0 {
-                            if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-                                warn!(error = %e, "committing offsets on revocation (state already holds them)");
-                            }
+                let lost = consumer.assignment_lost();
+                match core.revoke_all(consumer, lost) {
+                    Ok(()) => {
+                        if lost {
+                            self.metrics.fenced.inc();
+                            warn!("rebalance: partitions lost to another member; uncommitted work dropped");
+                        } else {
+                            info!("rebalance: partitions revoked");
                         }
-                        info!("rebalance: partitions revoked");
                     }
                     Err(e) => core.fatal = Some(e),
                 }
@@ -897,6 +1344,34 @@ fn dir_signature(dir: &std::path::Path) -> Vec<(String, u64, Option<std::time::S
     out
 }
 
+/// The instance's stable name, kept in the state directory (created on first start).
+fn instance_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = state_dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let id = format!("{:016x}", rand::random::<u64>());
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// `WAYMARK_FAILPOINT=crash_after_acks:N` (tests): abort after the N-th batch is acknowledged.
+fn failpoint() -> anyhow::Result<Option<u64>> {
+    let Ok(v) = std::env::var("WAYMARK_FAILPOINT") else {
+        return Ok(None);
+    };
+    v.strip_prefix("crash_after_acks:")
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .ok_or_else(|| anyhow!("WAYMARK_FAILPOINT={v:?}: the only failpoint is crash_after_acks:N"))
+}
+
 /// Runs the service until `shutdown` is set; returns after draining and committing.
 pub fn run(
     cfg: Config,
@@ -906,17 +1381,58 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let producer: BaseProducer<Delivery> = producer_config(&cfg.kafka.brokers)
+    let eos = cfg.processing.guarantee == Guarantee::ExactlyOnce;
+    let instance = instance_id(&cfg.state.dir)?;
+    let mut pc = producer_config(&cfg.kafka.brokers);
+    if eos {
+        let id = if cfg.kafka.transactional_id.is_empty() {
+            format!("waymark-{}-{instance}", cfg.kafka.group_id)
+        } else {
+            cfg.kafka.transactional_id.clone()
+        };
+        pc.set("transactional.id", &id).set(
+            "transaction.timeout.ms",
+            cfg.kafka.transaction_timeout_ms.to_string(),
+        );
+        info!(transactional_id = %id, "exactly_once: transactional producer");
+    }
+    let producer: BaseProducer<Delivery> = pc
         .create_with_context(Delivery {
             latency: Some(metrics.latency.clone()),
             ..Delivery::default()
         })
         .context("creating the producer")?;
+    if eos {
+        producer
+            .init_transactions(Duration::from_secs(60))
+            .context("initialising transactions (does the broker support them?)")?;
+        producer
+            .begin_transaction()
+            .context("beginning a transaction")?;
+    }
+    let restorer: Option<BaseConsumer> = if cfg.state.changelog {
+        Some(
+            super::base_config(&cfg.kafka.brokers)
+                .set("group.id", format!("{}-restore", cfg.kafka.group_id))
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "true")
+                .set("isolation.level", "read_committed")
+                .set("fetch.wait.max.ms", "50")
+                .create()
+                .context("creating the changelog reader")?,
+        )
+    } else {
+        None
+    };
     let core = Arc::new(Mutex::new(Core {
         cfg: cfg.clone(),
         journeys,
         metrics: metrics.clone(),
         producer,
+        restorer,
+        eos,
+        incarnation: format!("{instance}.{:08x}", rand::random::<u32>()),
         partitions,
         parts: HashMap::new(),
         out: Output::default(),
@@ -925,6 +1441,8 @@ pub fn run(
         fatal: None,
         last_tick: Instant::now(),
         clock: Clock::shifted(cfg.processing.clock_offset_ms),
+        commits: 0,
+        crash_after_acks: failpoint()?,
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let consumer: BaseConsumer<Ctx> = super::base_config(&cfg.kafka.brokers)
@@ -977,11 +1495,7 @@ pub fn run(
             return Err(e);
         }
         if core.batch_due() || (idle && core.batch_inputs > 0) {
-            core.commit_batch()?;
-            let offsets = core.offsets();
-            if offsets.count() > 0 {
-                let _ = consumer.commit(&offsets, CommitMode::Async);
-            }
+            core.commit_batch(&consumer)?;
         }
         loops = loops.wrapping_add(1);
         // Journey changes: SIGHUP, or a file of the directory changed (looked at every 2 s).
@@ -1007,16 +1521,10 @@ pub fn run(
         }
     }
     info!("shutting down: finishing in-flight records");
-    let offsets = {
+    {
         let mut core = core.lock().expect("not poisoned");
-        let offsets = core.revoke_all()?;
+        core.revoke_all(&consumer, false)?;
         core.producer.flush(Duration::from_secs(30)).ok();
-        offsets
-    };
-    if offsets.count() > 0 {
-        if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-            warn!(error = %e, "final group commit failed (the state store holds the offsets)");
-        }
     }
     metrics.set_ready(false);
     consumer.unsubscribe();

@@ -576,6 +576,15 @@ impl<S: Store> State<S> {
             .collect()
     }
 
+    /// The staged writes, table by table in key order (what [`State::commit`] will write).
+    pub fn pending(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
+        Table::ALL.into_iter().flat_map(move |t| {
+            self.pending[slot(t)]
+                .iter()
+                .map(move |(k, v)| (t, k.as_slice(), v.as_deref()))
+        })
+    }
+
     /// Writes everything staged to the store in one atomic batch.
     pub fn commit(&mut self) -> Result<()> {
         if self.staged_ops == 0 {

@@ -14,7 +14,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use waymark::kafka::runtime::Delivery;
 
-/// The broker the tests use; `make test` starts one and sets this.
+/// The broker the tests use; `make test` starts one and sets this. A test with a broker of its
+/// own sets [`Names::brokers`] instead.
 pub fn brokers() -> String {
     std::env::var("WAYMARK_TEST_BROKERS").expect(
         "WAYMARK_TEST_BROKERS is not set: these tests need a Kafka-protocol broker; run them with `make test`",
@@ -23,15 +24,17 @@ pub fn brokers() -> String {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Topic names and a group unique to one test.
+/// Where one test's data lives: the broker, and topic names and a group unique to the test.
 #[derive(Clone, Debug)]
 pub struct Names {
+    pub brokers: String,
     pub events: String,
     pub entries: String,
     pub steps: String,
     pub conversions: String,
     pub dlq: String,
     pub route: String,
+    pub changelog: String,
     pub group: String,
 }
 
@@ -44,12 +47,14 @@ impl Names {
             .as_millis();
         let s = format!("{test}-{}-{n}-{t}", std::process::id());
         Names {
+            brokers: brokers(),
             events: format!("ev-{s}"),
             entries: format!("entries-{s}"),
             steps: format!("steps-{s}"),
             conversions: format!("conv-{s}"),
             dlq: format!("dlq-{s}"),
             route: format!("route-{s}"),
+            changelog: format!("changelog-{s}"),
             group: format!("g-{s}"),
         }
     }
@@ -73,11 +78,15 @@ pub fn free_port() -> u16 {
 
 /// One `waymark run` process.
 pub struct Instance {
+    pub tag: String,
     pub child: Child,
     pub port: u16,
     pub log: PathBuf,
 }
 
+/// How a test runs its instances. Instances share no disk: each tag has its own state directory
+/// under `state` (reused when the same tag starts again), so a partition that moves to another
+/// instance finds no local state there.
 pub struct Setup {
     pub names: Names,
     pub journeys: PathBuf,
@@ -87,8 +96,19 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// The state directory of the instance named `tag`.
+    pub fn state_of(&self, tag: &str) -> PathBuf {
+        self.state.join(tag)
+    }
+
     pub fn start(&self, tag: &str) -> Instance {
+        self.start_with(tag, &[])
+    }
+
+    /// Starts the instance `tag` with `env` on top of [`Setup::extra_env`] (for this start only).
+    pub fn start_with(&self, tag: &str, env: &[(&str, &str)]) -> Instance {
         let port = free_port();
+        std::fs::create_dir_all(&self.state).unwrap();
         let log = self
             .state
             .parent()
@@ -98,13 +118,13 @@ impl Setup {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_waymark"));
         cmd.arg("run")
             .arg("--brokers")
-            .arg(brokers())
+            .arg(&n.brokers)
             .arg("--group-id")
             .arg(&n.group)
             .arg("--input-topics")
             .arg(&n.events)
             .arg("--state-dir")
-            .arg(&self.state)
+            .arg(self.state_of(tag))
             .arg("--journeys-dir")
             .arg(&self.journeys)
             .arg("--metrics-addr")
@@ -114,6 +134,7 @@ impl Setup {
             .env("WAYMARK_TOPICS_CONVERSIONS", &n.conversions)
             .env("WAYMARK_TOPICS_DLQ", &n.dlq)
             .env("WAYMARK_TOPICS_ROUTE", &n.route)
+            .env("WAYMARK_TOPICS_CHANGELOG", &n.changelog)
             .env("WAYMARK_KAFKA_PARTITIONS", self.partitions.to_string())
             .env("WAYMARK_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("WAYMARK_LOG", "info")
@@ -125,8 +146,16 @@ impl Setup {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = cmd.spawn().expect("spawn waymark run");
-        Instance { child, port, log }
+        Instance {
+            tag: tag.to_string(),
+            child,
+            port,
+            log,
+        }
     }
 }
 
@@ -232,8 +261,13 @@ impl Drop for Instance {
 }
 
 pub fn producer() -> BaseProducer<Delivery> {
+    producer_on(&brokers())
+}
+
+pub fn producer_on(brokers: &str) -> BaseProducer<Delivery> {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .create_with_context(Delivery::default())
@@ -242,7 +276,11 @@ pub fn producer() -> BaseProducer<Delivery> {
 
 /// Produces values keyed by their `userId` (or with an explicit key / partition).
 pub fn produce(topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) {
-    let p = producer();
+    produce_on(&brokers(), topic, records)
+}
+
+pub fn produce_on(brokers: &str, topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) {
+    let p = producer_on(brokers);
     for (key, partition, value) in records {
         let mut r = BaseRecord::with_opaque_to(topic, 0).payload(value.as_slice());
         if let Some(k) = key {
@@ -267,6 +305,10 @@ pub fn produce(topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) 
 
 /// Produces JSON events keyed by userId.
 pub fn produce_events(topic: &str, events: &[serde_json::Value]) {
+    produce_events_on(&brokers(), topic, events)
+}
+
+pub fn produce_events_on(brokers: &str, topic: &str, events: &[serde_json::Value]) {
     let recs: Vec<(Option<String>, Option<i32>, Vec<u8>)> = events
         .iter()
         .map(|e| {
@@ -274,7 +316,7 @@ pub fn produce_events(topic: &str, events: &[serde_json::Value]) {
             (key, None, e.to_string().into_bytes())
         })
         .collect();
-    produce(topic, &recs);
+    produce_on(brokers, topic, &recs);
 }
 
 /// A record read back.
@@ -296,66 +338,98 @@ impl Got {
 /// Reads `topics` from the beginning until `done(records)` holds or `within` passes; returns
 /// everything read.
 pub fn read_until(topics: &[String], within: Duration, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set(
-            "group.id",
-            format!("reader-{}", COUNTER.fetch_add(1, Ordering::SeqCst)),
-        )
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    read_until_on(&brokers(), topics, within, done)
+}
+
+pub fn read_until_on(
+    brokers: &str,
+    topics: &[String],
+    within: Duration,
+    done: impl Fn(&[Got]) -> bool,
+) -> Vec<Got> {
     let deadline = Instant::now() + within;
-    // Topics may not exist yet.
-    let mut tpl = TopicPartitionList::new();
-    while Instant::now() < deadline {
-        let md = c.fetch_metadata(None, Duration::from_secs(5)).unwrap();
-        tpl = TopicPartitionList::new();
-        let mut found = 0;
-        for t in md.topics() {
-            if topics.iter().any(|x| x == t.name()) && !t.partitions().is_empty() {
-                found += 1;
-                for p in t.partitions() {
-                    tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)
-                        .unwrap();
-                }
-            }
-        }
-        if found == topics.len() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    c.assign(&tpl).unwrap();
+    let r = Reader::new(brokers, topics, within);
     let mut got = Vec::new();
     let mut last = Instant::now();
     while Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+        if let Some(g) = r.poll(Duration::from_millis(100)) {
             last = Instant::now();
-            let mut headers = HashMap::new();
-            if let Some(h) = m.headers() {
-                for x in h.iter() {
-                    headers.insert(
-                        x.key.to_string(),
-                        x.value
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                            .unwrap_or_default(),
-                    );
-                }
-            }
-            got.push(Got {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                value: m.payload().unwrap_or(&[]).to_vec(),
-                headers,
-            });
+            got.push(g);
         } else if last.elapsed() >= Duration::from_millis(1500) && done(&got) {
             // Quiet for a moment and the condition holds: nothing more is on its way.
             break;
         }
     }
     got
+}
+
+/// A consumer of every partition of some topics, from the beginning, outside any group.
+pub struct Reader {
+    consumer: BaseConsumer,
+}
+
+impl Reader {
+    /// Waits up to `within` for the topics to exist, then assigns all their partitions.
+    pub fn new(brokers: &str, topics: &[String], within: Duration) -> Reader {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("reader-{}", COUNTER.fetch_add(1, Ordering::SeqCst)),
+            )
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + within;
+        // Topics may not exist yet.
+        let mut tpl = TopicPartitionList::new();
+        while Instant::now() < deadline {
+            let Ok(md) = c.fetch_metadata(None, Duration::from_secs(5)) else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            tpl = TopicPartitionList::new();
+            let mut found = 0;
+            for t in md.topics() {
+                if topics.iter().any(|x| x == t.name()) && !t.partitions().is_empty() {
+                    found += 1;
+                    for p in t.partitions() {
+                        tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)
+                            .unwrap();
+                    }
+                }
+            }
+            if found == topics.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.assign(&tpl).unwrap();
+        Reader { consumer: c }
+    }
+
+    /// The next record, if one arrives within `timeout`.
+    pub fn poll(&self, timeout: Duration) -> Option<Got> {
+        let m = self.consumer.poll(timeout)?.ok()?;
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for x in h.iter() {
+                headers.insert(
+                    x.key.to_string(),
+                    x.value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        Some(Got {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: m.payload().unwrap_or(&[]).to_vec(),
+            headers,
+        })
+    }
 }
 
 /// The records `waymark replay` computes for these events, as JSON values.
@@ -389,4 +463,90 @@ pub fn sorted(values: impl IntoIterator<Item = serde_json::Value>) -> Vec<String
     let mut v: Vec<String> = values.into_iter().map(|x| x.to_string()).collect();
     v.sort();
     v
+}
+
+/// A tansu broker of a test's own (sqlite storage in a directory of its own), for a test that
+/// stops and restarts the broker without disturbing the shared one.
+pub struct PrivateBroker {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    /// Starts tansu on a free port with its data in `dir`; waits until it answers.
+    pub fn start(dir: &Path) -> PrivateBroker {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut b = PrivateBroker {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    fn answers(&self) -> bool {
+        Command::new("tansu")
+            .args(["topic", "list", "--broker", &self.url()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Starts the broker again on the same storage (after [`PrivateBroker::kill`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the broker is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .unwrap();
+        let child = Command::new("tansu")
+            .arg("broker")
+            .arg("--listener-url")
+            .arg(self.url())
+            .arg("--advertised-listener-url")
+            .arg(self.url())
+            .arg("--storage-engine")
+            .arg("sqlite://tansu.db")
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tansu is installed (`make broker` installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.answers() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("private broker on {} not ready", self.address());
+    }
+
+    /// SIGKILL: the broker stops at once, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
