@@ -32,6 +32,7 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u64,
     pub transactional_id: String,
     pub transaction_timeout_ms: u64,
+    pub commit_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -334,6 +335,9 @@ impl Config {
                 "metrics.addr: {:?} is not host:port such as 127.0.0.1:9464",
                 self.metrics.addr
             ));
+        }
+        if self.kafka.commit_timeout_ms == 0 {
+            e.push("kafka.commit_timeout_ms: must be at least 1".into());
         }
         if self.kafka.transaction_timeout_ms < 1000 {
             e.push("kafka.transaction_timeout_ms: must be at least 1000".into());

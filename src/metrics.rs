@@ -120,7 +120,7 @@ impl Metrics {
             transactions: counter_vec(
                 &r,
                 "waymark_transactions_total",
-                "Kafka transactions ended (exactly_once), by outcome: committed or aborted",
+                "Kafka transactions (exactly_once) by outcome: committed, aborted, or commit_retried (a commit that timed out and was tried again)",
                 &["outcome"],
             ),
             fenced: counter(

@@ -96,6 +96,8 @@ impl Clock {
 #[derive(Default)]
 pub struct Delivery {
     failed: AtomicU64,
+    /// Records the producer refused to queue (also counted in `failed`).
+    refused: AtomicU64,
     last_error: Mutex<Option<String>>,
     latency: Option<prometheus::Histogram>,
     /// Offset of the last acknowledged changelog marker, by partition.
@@ -109,6 +111,7 @@ impl Delivery {
     /// `Err` with the count and the last error if any delivery failed since the last check.
     pub fn check(&self) -> Result<(), String> {
         let failed = self.failed.swap(0, Ordering::SeqCst);
+        self.refused.store(0, Ordering::SeqCst);
         if failed == 0 {
             return Ok(());
         }
@@ -192,7 +195,11 @@ struct Core {
     /// Batches made durable so far, and the test failpoint `crash_after_acks:N`.
     commits: u64,
     crash_after_acks: Option<u64>,
+    aborts_in_row: u32,
 }
+
+/// exactly_once: transactions aborted in a row before the service gives up (a permanent error).
+const MAX_ABORTS_IN_ROW: u32 = 10;
 
 /// Whether a group commit error means this member has been replaced.
 fn is_fenced(e: &KafkaError) -> bool {
@@ -430,6 +437,7 @@ impl Core {
     /// same records again).
     fn drop_batch(&mut self) -> anyhow::Result<()> {
         if self.eos {
+            self.check_fatal()?;
             self.producer
                 .abort_transaction(Duration::from_secs(30))
                 .map_err(|e| anyhow!("aborting the transaction: {e}"))?;
@@ -442,6 +450,7 @@ impl Core {
                 .map_err(|e| anyhow!("beginning a transaction: {e}"))?;
         }
         self.producer.context().failed.store(0, Ordering::SeqCst);
+        self.producer.context().refused.store(0, Ordering::SeqCst);
         for part in self.parts.values_mut() {
             part.proc.discard()?;
             part.dirty_offsets = false;
@@ -520,10 +529,9 @@ impl Core {
                         rec = r;
                     } else {
                         // Counted like a failed delivery: the batch will not commit.
-                        self.producer
-                            .context()
-                            .failed
-                            .fetch_add(1, Ordering::SeqCst);
+                        let d = self.producer.context();
+                        d.failed.fetch_add(1, Ordering::SeqCst);
+                        d.refused.fetch_add(1, Ordering::SeqCst);
                         *self
                             .producer
                             .context()
@@ -1067,35 +1075,87 @@ impl Core {
     /// retried (never aborted: the commit may have happened); an abortable error aborts and
     /// rewinds (returns false); anything else is fatal.
     fn commit_transaction(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<bool> {
-        let timeout = Duration::from_secs(30);
-        if let Err(e) = self.producer.context().check() {
-            // A record the producer refused never joined the transaction: committing would lose it.
-            let _ = self.producer.abort_transaction(timeout);
-            bail!("{e}; transaction aborted, a restart replays the batch");
-        }
+        let timeout = Duration::from_millis(self.cfg.kafka.commit_timeout_ms);
         let offsets = self.offsets();
-        let attempt = (|| -> KafkaResult<()> {
+        // Delivery failures surface as an abortable transaction error; a record the producer
+        // refused to queue never joined the transaction, so committing would lose it: abort too.
+        let refused = self.producer.context().refused.swap(0, Ordering::SeqCst);
+        self.check_fatal()?;
+        let attempt: Result<(), (bool, String)> = (|| {
+            if refused > 0 {
+                return Err((true, format!("{refused} record(s) refused by the producer")));
+            }
+            let metrics = &self.metrics;
+            let classify = |e: KafkaError| match &e {
+                KafkaError::Transaction(t) => {
+                    use rdkafka::types::RDKafkaErrorCode as C;
+                    if matches!(
+                        t.code(),
+                        C::Fenced
+                            | C::ProducerFenced
+                            | C::InvalidProducerEpoch
+                            | C::FencedInstanceId
+                    ) {
+                        metrics.fenced.inc();
+                    }
+                    (t.txn_requires_abort(), e.to_string())
+                }
+                _ => (false, e.to_string()),
+            };
             if offsets.count() > 0 {
                 let gm = consumer
                     .group_metadata()
-                    .ok_or_else(|| KafkaError::Subscription("no consumer group metadata".into()))?;
-                self.producer
-                    .send_offsets_to_transaction(&offsets, &gm, timeout)?;
+                    .ok_or((false, "no consumer group metadata".to_string()))?;
+                loop {
+                    match self
+                        .producer
+                        .send_offsets_to_transaction(&offsets, &gm, timeout)
+                    {
+                        Ok(()) => break,
+                        Err(KafkaError::Transaction(e))
+                            if e.is_retriable() && !e.txn_requires_abort() =>
+                        {
+                            self.metrics
+                                .transactions
+                                .with_label_values(&["commit_retried"])
+                                .inc();
+                            warn!(error = %e, "adding the input offsets to the transaction timed out; retrying");
+                        }
+                        Err(e) => return Err(classify(e)),
+                    }
+                }
             }
             loop {
                 match self.producer.commit_transaction(timeout) {
                     Ok(()) => return Ok(()),
+                    // The commit waits for every record's acknowledgement before it sends
+                    // anything: when that wait times out, nothing was committed, and an abort is
+                    // safe (records stuck behind an abortable error never arrive otherwise).
+                    Err(KafkaError::Flush(e)) => {
+                        return Err((
+                            true,
+                            format!("records not acknowledged within kafka.commit_timeout_ms ({e}); the commit was not sent"),
+                        ))
+                    }
                     Err(KafkaError::Transaction(e))
                         if e.is_retriable() && !e.txn_requires_abort() =>
                     {
+                        // Never abort after a timeout: the commit may have happened.
+                        self.metrics
+                            .transactions
+                            .with_label_values(&["commit_retried"])
+                            .inc();
                         warn!(error = %e, "transaction commit not confirmed yet; retrying the commit");
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        return Err(classify(e));
+                    }
                 }
             }
         })();
         match attempt {
             Ok(()) => {
+                self.aborts_in_row = 0;
                 self.metrics
                     .transactions
                     .with_label_values(&["committed"])
@@ -1105,21 +1165,41 @@ impl Core {
                     .map_err(|e| anyhow!("beginning a transaction: {e}"))?;
                 Ok(true)
             }
-            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+            Err((true, e)) => {
+                self.aborts_in_row += 1;
+                if self.aborts_in_row > MAX_ABORTS_IN_ROW {
+                    bail!("{MAX_ABORTS_IN_ROW} transactions in a row aborted, the last with: {e}");
+                }
                 warn!(error = %e, "transaction aborted: dropping the batch and rewinding to the last committed offsets");
                 self.rewind(consumer)?;
                 Ok(false)
             }
-            Err(e) => {
-                if matches!(&e, KafkaError::Transaction(t) if t.code() == rdkafka::types::RDKafkaErrorCode::ProducerFenced || t.code() == rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch)
-                {
-                    self.metrics.fenced.inc();
+            Err((false, e)) => {
+                if self.metrics.fenced.get() == 0 {
+                    self.check_fatal()?;
                 }
                 Err(anyhow!(
                     "transaction failed and cannot be recovered in this process: {e}"
                 ))
             }
         }
+    }
+
+    /// exactly_once: a producer in a fatal state (fenced by a newer instance with the same
+    /// transactional.id, or another unrecoverable error) stops the service.
+    fn check_fatal(&self) -> anyhow::Result<()> {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            use rdkafka::types::RDKafkaErrorCode as C;
+            if matches!(
+                code,
+                C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch | C::FencedInstanceId
+            ) {
+                self.metrics.fenced.inc();
+                bail!("this instance's transactional producer was fenced by a newer one ({code:?}: {reason}); stopping without committing");
+            }
+            bail!("the transactional producer failed ({code:?}: {reason}); stopping without committing");
+        }
+        Ok(())
     }
 
     /// Aborts the open transaction, drops the batch and points the consumer back at the offsets
@@ -1443,6 +1523,7 @@ pub fn run(
         clock: Clock::shifted(cfg.processing.clock_offset_ms),
         commits: 0,
         crash_after_acks: failpoint()?,
+        aborts_in_row: 0,
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let consumer: BaseConsumer<Ctx> = super::base_config(&cfg.kafka.brokers)

@@ -1,0 +1,377 @@
+//! `processing.guarantee = "exactly_once"` against librdkafka's mock cluster, in process.
+//!
+//! The mock speaks the transaction protocol (InitProducerId, AddPartitionsToTxn, TxnOffsetCommit,
+//! EndTxn) and injects request errors, but writes no transaction markers: aborted records stay
+//! visible to readers. So these tests check waymark's side of the contract: state and offsets move
+//! only when a transaction commits, an abortable error aborts and rewinds, a commit that times out
+//! is retried and never aborted, and a fenced producer stops the service. That aborted records
+//! are invisible to `read_committed` consumers rests on the broker (Apache Kafka, Redpanda).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde_json::json;
+use waymark::config::Config;
+use waymark::metrics::Metrics;
+use waymark::store::rocks::RocksStore;
+use waymark::store::State;
+
+const PARTITIONS: i32 = 2;
+const EVENTS: &str = "events";
+const ENTRIES: &str = "waymark.entries";
+
+struct Mock {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+    tmp: tempfile::TempDir,
+}
+
+impl Mock {
+    fn new() -> Mock {
+        let cluster = MockCluster::new(1).unwrap();
+        let topics = [
+            EVENTS,
+            "waymark.route",
+            "waymark.changelog",
+            ENTRIES,
+            "waymark.steps",
+            "waymark.conversions",
+            "waymark.dlq",
+        ];
+        for t in topics {
+            cluster.create_topic(t, PARTITIONS, 1).unwrap();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let jdir = tmp.path().join("journeys");
+        std::fs::create_dir_all(&jdir).unwrap();
+        std::fs::write(
+            jdir.join("welcome.json"),
+            json!({
+                "id": "welcome", "application": "app",
+                "entry": {"event": "Signup"},
+                "start": "wait",
+                "steps": [
+                    {"id": "wait", "type": "wait_for_trigger", "event": "Verified", "timeout": "30d", "next": "end", "on_timeout": "end"},
+                    {"id": "end", "type": "exit"}
+                ]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        Mock { cluster, tmp }
+    }
+
+    fn brokers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn config(&self, extra: &[(&str, &str)]) -> Config {
+        let mut env = vec![
+            ("WAYMARK_KAFKA_BROKERS".to_string(), self.brokers()),
+            ("WAYMARK_KAFKA_GROUP_ID".to_string(), "eos".to_string()),
+            (
+                "WAYMARK_KAFKA_SESSION_TIMEOUT_MS".to_string(),
+                "6000".to_string(),
+            ),
+            (
+                "WAYMARK_STATE_DIR".to_string(),
+                self.state_dir().display().to_string(),
+            ),
+            (
+                "WAYMARK_JOURNEYS_DIR".to_string(),
+                self.tmp.path().join("journeys").display().to_string(),
+            ),
+            (
+                "WAYMARK_PROCESSING_GUARANTEE".to_string(),
+                "exactly_once".to_string(),
+            ),
+            (
+                "WAYMARK_PROCESSING_COMMIT_INTERVAL_MS".to_string(),
+                "100".to_string(),
+            ),
+        ];
+        for (k, v) in extra {
+            env.push((k.to_string(), v.to_string()));
+        }
+        waymark::config::load(None, env, &[]).unwrap()
+    }
+
+    /// Produces `Signup` events for users `from..to` (plain producer, keyed by user).
+    fn signups(&self, from: u32, to: u32) {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("partitioner", "murmur2_random")
+            .create()
+            .unwrap();
+        let t0 = 1_900_000_000_000i64;
+        for u in from..to {
+            let v = json!({"application": "app", "event": "Signup", "userId": u, "timestamp": t0 + u as i64, "eventId": format!("s{u}")}).to_string();
+            let key = u.to_string();
+            p.send(BaseRecord::to(EVENTS).key(&key).payload(&v))
+                .unwrap();
+        }
+        p.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// Records on a topic (all partitions), aborted ones included (the mock keeps them).
+    fn count(&self, topic: &str) -> i64 {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", "reader")
+            .create()
+            .unwrap();
+        (0..PARTITIONS)
+            .map(|p| {
+                let (lo, hi) = c
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .unwrap();
+                hi - lo
+            })
+            .sum()
+    }
+
+    /// Input offsets the local stores reached (what the transactions committed; the mock
+    /// acknowledges TxnOffsetCommit without storing the offsets in the group).
+    fn stored_offsets(&self) -> i64 {
+        let mut n = 0;
+        for p in 0..PARTITIONS {
+            let dir = self.state_dir().join(format!("partition-{p}"));
+            if let Ok(store) = RocksStore::open_read_only(&dir) {
+                let state = State::new(store).unwrap();
+                if let Some(v) = state.get_meta(&format!("offset/{EVENTS}")).unwrap() {
+                    n += i64::from_be_bytes(v.try_into().unwrap());
+                }
+            }
+        }
+        n
+    }
+
+    /// Sessions in every partition's local store.
+    fn sessions(&self) -> usize {
+        let mut n = 0;
+        for p in 0..PARTITIONS {
+            let dir = self.state_dir().join(format!("partition-{p}"));
+            if !dir.exists() {
+                continue;
+            }
+            let state = State::new(RocksStore::open_read_only(&dir).unwrap()).unwrap();
+            state
+                .all_sessions(&mut |_, _| {
+                    n += 1;
+                    true
+                })
+                .unwrap();
+        }
+        n
+    }
+}
+
+struct Running {
+    metrics: Arc<Metrics>,
+    shutdown: Arc<AtomicBool>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+fn start(cfg: Config) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,librdkafka=warn")
+        .with_test_writer()
+        .try_init();
+    let journeys = Arc::new(waymark::journey::load_dir(&cfg.journeys.dir).unwrap());
+    let metrics = Metrics::new();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let (m, s) = (metrics.clone(), shutdown.clone());
+        std::thread::spawn(move || {
+            let r = waymark::kafka::runtime::run(
+                cfg,
+                journeys,
+                m,
+                PARTITIONS,
+                s,
+                Arc::new(AtomicBool::new(false)),
+            );
+            if let Err(e) = &r {
+                eprintln!("the service stopped: {e:#}");
+            }
+            r
+        })
+    };
+    Running {
+        metrics,
+        shutdown,
+        handle,
+    }
+}
+
+impl Running {
+    fn txns(&self, outcome: &str) -> u64 {
+        self.metrics
+            .transactions
+            .with_label_values(&[outcome])
+            .get()
+    }
+
+    fn refused_active(&self) -> u64 {
+        self.metrics
+            .refused
+            .with_label_values(&["welcome", "active_session"])
+            .get()
+    }
+
+    fn entries(&self) -> u64 {
+        self.metrics.entries.with_label_values(&["welcome"]).get()
+    }
+
+    /// Waits for `cond`; fails with `what` after `within`, or if the service stopped.
+    fn wait(&self, within: Duration, what: &str, cond: impl Fn(&Running) -> bool) {
+        let deadline = Instant::now() + within;
+        while !cond(self) {
+            assert!(
+                !self.handle.is_finished(),
+                "the service stopped while waiting for {what}"
+            );
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+fn wait_finished(r: &Running, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !r.handle.is_finished() {
+        assert!(Instant::now() < deadline, "the service did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn outputs_state_and_offsets_commit_together_in_transactions() {
+    let m = Mock::new();
+    m.signups(0, 40);
+    let r = start(m.config(&[]));
+    r.wait(Duration::from_secs(60), "40 entries", |r| r.entries() >= 40);
+    r.wait(Duration::from_secs(30), "a committed transaction", |r| {
+        r.txns("committed") >= 1
+    });
+    r.stop().unwrap();
+    assert_eq!(m.count(ENTRIES), 40);
+    assert_eq!(m.sessions(), 40, "state applied after the commit");
+    assert_eq!(
+        m.stored_offsets(),
+        40,
+        "input offsets stored with the state"
+    );
+    assert!(
+        m.count("waymark.changelog") >= 40,
+        "state changes are in the changelog"
+    );
+}
+
+#[test]
+fn an_abortable_error_aborts_drops_the_batch_and_rewinds() {
+    let m = Mock::new();
+    m.signups(0, 30);
+    // waymark's first produce request fails with an error that makes the transaction abortable.
+    m.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let r = start(m.config(&[("WAYMARK_KAFKA_COMMIT_TIMEOUT_MS", "2000")]));
+    r.wait(Duration::from_secs(60), "an aborted transaction", |r| {
+        r.txns("aborted") >= 1
+    });
+    r.wait(Duration::from_secs(60), "a committed transaction", |r| {
+        r.txns("committed") >= 1 && r.entries() >= 30
+    });
+    // Wait until everything is committed, then stop.
+    r.wait(Duration::from_secs(30), "offsets at the end", |_| {
+        m.stored_offsets() == 30
+    });
+    assert_eq!(
+        r.refused_active(),
+        0,
+        "state of the aborted batch was applied: the replayed signups found active sessions"
+    );
+    r.stop().unwrap();
+    assert_eq!(m.sessions(), 30);
+}
+
+#[test]
+fn a_commit_that_times_out_is_retried_not_aborted() {
+    let m = Mock::new();
+    m.signups(0, 20);
+    let r = start(m.config(&[("WAYMARK_KAFKA_COMMIT_TIMEOUT_MS", "300")]));
+    r.wait(Duration::from_secs(60), "a first commit", |r| {
+        r.txns("committed") >= 1 && r.entries() >= 20
+    });
+    // The coordinator is busy: librdkafka retries EndTxn for longer than one commit may wait, so
+    // waymark's commit times out and must be tried again, not aborted.
+    m.cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 12],
+    );
+    let before = r.txns("committed");
+    m.signups(20, 30);
+    r.wait(Duration::from_secs(60), "a retried commit", |r| {
+        r.txns("commit_retried") >= 1
+    });
+    r.wait(Duration::from_secs(60), "the retried commit to land", |r| {
+        r.txns("committed") > before
+    });
+    r.wait(Duration::from_secs(30), "offsets at the end", |_| {
+        m.stored_offsets() == 30
+    });
+    assert_eq!(r.txns("aborted"), 0, "a timed-out commit must not abort");
+    r.stop().unwrap();
+    assert_eq!(m.sessions(), 30);
+}
+
+#[test]
+fn a_fenced_producer_stops_the_service_with_an_error() {
+    let m = Mock::new();
+    m.signups(0, 10);
+    let cfg = m.config(&[("WAYMARK_KAFKA_TRANSACTIONAL_ID", "waymark-eos-fixed")]);
+    let r = start(cfg);
+    r.wait(Duration::from_secs(60), "the first ten committed", |r| {
+        r.txns("committed") >= 1 && r.entries() >= 10
+    });
+    r.wait(Duration::from_secs(30), "their state", |_| {
+        m.sessions() == 10
+    });
+    // A newer instance with the same transactional.id took over: the coordinator answers this
+    // one's next commit with PRODUCER_FENCED (the mock does not fence by epoch by itself).
+    m.signups(10, 20);
+    m.cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    wait_finished(&r, Duration::from_secs(60));
+    let fenced = r.metrics.fenced.get();
+    let result = r.stop();
+    let err = result.expect_err("a fenced instance must stop with an error");
+    eprintln!("service error: {err:#}");
+    assert!(
+        err.to_string().to_lowercase().contains("fenced") || err.to_string().contains("epoch"),
+        "{err:#}"
+    );
+    assert!(fenced >= 1);
+    // Nothing of the fenced batch reached local state.
+    assert_eq!(m.sessions(), 10);
+}
