@@ -641,3 +641,42 @@ fn journeys_reload_on_sighup_and_an_invalid_set_is_refused_whole() {
     assert!(moves.contains(&"new w2->y".to_string()), "{moves:?}");
     assert!(a.stop().success());
 }
+
+/// State follows the changelog, not the disk: with its state directory deleted, an instance
+/// restores every partition from the changelog and carries on from the offsets stored there. It
+/// does not read the input again (no record is emitted twice), and live sessions still advance.
+#[test]
+fn a_deleted_state_dir_is_rebuilt_from_the_changelog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = order_journey_dir(tmp.path());
+    let (_t2, s) = setup("rebuild", &jdir, 4);
+    let events = order_stream(200, 1);
+    let (placed, ready): (Vec<Value>, Vec<Value>) =
+        events.iter().cloned().partition(|e| e["event"] == "Placed");
+    let mut a = s.start("a");
+    a.wait_ready(Duration::from_secs(60));
+    produce_events(&s.names.events, &placed);
+    let first = outputs(&s, placed.len(), Duration::from_secs(60));
+    assert_eq!(first.len(), placed.len(), "one entry per order");
+    assert!(a.stop().success());
+    std::fs::remove_dir_all(s.state_of("a")).unwrap();
+
+    let mut b = s.start("a");
+    b.wait_ready(Duration::from_secs(90));
+    let restored = b.metric_sum("waymark_restore_records_total", "");
+    assert!(
+        restored >= placed.len() as f64,
+        "restored {restored} changelog records:\n{}",
+        b.log_text()
+    );
+    produce_events(&s.names.events, &ready);
+    let expected = replay_records(&jdir, &events, None);
+    let all = outputs(&s, expected.len(), Duration::from_secs(60));
+    assert_no_loss(&expected, &all);
+    assert_eq!(
+        all.len(),
+        expected.len(),
+        "the input was not read again: no record twice"
+    );
+    assert!(b.stop().success());
+}
