@@ -44,6 +44,12 @@ test: deps build broker ## Everything: lint, unit, golden, property and broker t
 	$(MAKE) --no-print-directory lint
 	WAYMARK_TEST_BROKERS=$(BROKERS) $(CARGO) test $(PROFILE) -- --test-threads 2
 
+chaos: deps build broker ## The chaos suite, full form (>= 200k events a scenario; about an hour): report lines on stderr and in .run/chaos-report.txt
+	@mkdir -p .run
+	CHAOS_SCALE=full CHAOS_REPORT=$(CURDIR)/.run/chaos-report.txt WAYMARK_TEST_BROKERS=$(BROKERS) \
+	  $(CARGO) test $(PROFILE) --test chaos -- --nocapture --test-threads 1 $(CHAOS_TESTS)
+	@grep -h "^chaos report" .run/chaos-report.txt | tail -n 8
+
 demo: deps build broker ## End to end: broker, waymark run, the seed scenario's events, the output records
 	@scripts/demo.sh $(BROKERS)
 

@@ -280,7 +280,15 @@ pub fn produce(topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) 
 }
 
 pub fn produce_on(brokers: &str, topic: &str, records: &[(Option<String>, Option<i32>, Vec<u8>)]) {
-    let p = producer_on(brokers);
+    send_with(&producer_on(brokers), topic, records);
+}
+
+/// Sends `records` with `p`, then waits until the broker has acknowledged every one.
+pub fn send_with(
+    p: &BaseProducer<Delivery>,
+    topic: &str,
+    records: &[(Option<String>, Option<i32>, Vec<u8>)],
+) {
     for (key, partition, value) in records {
         let mut r = BaseRecord::with_opaque_to(topic, 0).payload(value.as_slice());
         if let Some(k) = key {
@@ -309,6 +317,11 @@ pub fn produce_events(topic: &str, events: &[serde_json::Value]) {
 }
 
 pub fn produce_events_on(brokers: &str, topic: &str, events: &[serde_json::Value]) {
+    send_events_with(&producer_on(brokers), topic, events);
+}
+
+/// Sends JSON events keyed by userId with `p` and waits for their acknowledgements.
+pub fn send_events_with(p: &BaseProducer<Delivery>, topic: &str, events: &[serde_json::Value]) {
     let recs: Vec<(Option<String>, Option<i32>, Vec<u8>)> = events
         .iter()
         .map(|e| {
@@ -316,7 +329,7 @@ pub fn produce_events_on(brokers: &str, topic: &str, events: &[serde_json::Value
             (key, None, e.to_string().into_bytes())
         })
         .collect();
-    produce_on(brokers, topic, &recs);
+    send_with(p, topic, &recs);
 }
 
 /// A record read back.
