@@ -451,6 +451,36 @@ mod tests {
     }
 
     #[test]
+    fn the_guarantee_is_one_of_two() {
+        let c = load(None, env(&[]), &[]).unwrap();
+        assert_eq!(c.processing.guarantee, Guarantee::AtLeastOnce);
+        assert!(c.state.changelog);
+        assert_eq!(c.topics.changelog, "waymark.changelog");
+        let c = load(
+            None,
+            env(&[("WAYMARK_PROCESSING_GUARANTEE", "exactly_once")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.processing.guarantee, Guarantee::ExactlyOnce);
+        let e = load(None, env(&[("WAYMARK_PROCESSING_GUARANTEE", "twice")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("processing.guarantee") && e.contains("exactly_once"),
+            "{e}"
+        );
+        let e = load(
+            None,
+            env(&[("WAYMARK_TOPICS_CHANGELOG", "waymark.route")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("topics.changelog"), "{e}");
+    }
+
+    #[test]
     fn a_missing_config_file_is_an_error() {
         let e = load(Some(Path::new("/no/such/waymark.toml")), env(&[]), &[]).unwrap_err();
         assert!(e.to_string().contains("cannot read the config file"));

@@ -116,13 +116,18 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(restore_seconds.clone()))
             .expect("unique metric");
-        Arc::new(Metrics {
-            transactions: counter_vec(
+        let transactions = counter_vec(
                 &r,
                 "waymark_transactions_total",
-                "Kafka transactions (exactly_once) by outcome: committed, aborted, or commit_retried (a commit that timed out and was tried again)",
-                &["outcome"],
-            ),
+            "Kafka transactions (exactly_once) by outcome: committed, aborted, or commit_retried (a commit that timed out and was tried again)",
+            &["outcome"],
+        );
+        // Exported from the start, so dashboards and alerts see zeros rather than nothing.
+        for outcome in ["committed", "aborted", "commit_retried"] {
+            transactions.with_label_values(&[outcome]);
+        }
+        Arc::new(Metrics {
+            transactions,
             fenced: counter(
                 &r,
                 "waymark_fenced_total",

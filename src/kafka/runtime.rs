@@ -235,11 +235,15 @@ impl Core {
             .unwrap_or(0);
         let epoch = changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
             .unwrap_or(0) as u64;
+        let counter = self
+            .metrics
+            .restore_records
+            .with_label_values(&[&p.to_string()]);
         let t0 = Instant::now();
         let (low, high) = consumer
             .fetch_watermarks(topic, p, Duration::from_secs(30))
             .with_context(|| format!("reading the end of changelog {topic}/{p}"))?;
-        info!(
+        tracing::debug!(
             partition = p,
             low,
             high,
@@ -261,10 +265,6 @@ impl Core {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
         consumer.assign(&tpl)?;
-        let counter = self
-            .metrics
-            .restore_records
-            .with_label_values(&[&p.to_string()]);
         let mut batch = crate::store::Batch::default();
         let mut last_progress = Instant::now();
         let mut next = start;
@@ -301,7 +301,7 @@ impl Core {
                 }
             }
             store.write(&batch)?;
-            info!(
+            tracing::debug!(
                 partition = p,
                 ms = t0.elapsed().as_millis() as u64,
                 "restore: read to the end"
