@@ -9,7 +9,7 @@ CARGO := cargo
 # One profile for everything (release), so RocksDB and librdkafka compile once.
 PROFILE := --release
 
-.PHONY: help deps build test test-unit lint broker broker-stop demo bench bench-core bench-replay bench-kafka chaos validate clean
+.PHONY: help deps build test test-unit lint broker broker-stop demo bench bench-core bench-replay bench-kafka bench-guarantees chaos validate clean
 
 help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ bench-core: ## Criterion benchmarks of condition matching and the engine step
 
 bench-replay: build ## 1M events, 100k users, 10 journeys through `waymark replay --state`
 	@scripts/bench-replay.sh $(BIN)
+
+bench-guarantees: ## Changelog on/off and exactly-once vs at-least-once, side by side (mock cluster)
+	BENCH_EVENTS=$${BENCH_EVENTS:-200000} $(CARGO) bench --bench guarantees
 
 bench-kafka: build broker ## 2M events through `waymark run` against the local broker
 	@scripts/bench-kafka.sh $(BIN) $(BROKERS)

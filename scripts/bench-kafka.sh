@@ -19,6 +19,7 @@ export WAYMARK_KAFKA_INPUT_TOPICS="$topic" WAYMARK_KAFKA_PARTITIONS=8
 export WAYMARK_TOPICS_ENTRIES="bench-entries-$suffix" WAYMARK_TOPICS_STEPS="bench-steps-$suffix"
 export WAYMARK_TOPICS_CONVERSIONS="bench-conv-$suffix" WAYMARK_TOPICS_DLQ="bench-dlq-$suffix"
 export WAYMARK_TOPICS_ROUTE="bench-route-$suffix"
+export WAYMARK_TOPICS_CHANGELOG="bench-changelog-$suffix"
 port=9470
 rm -rf "$dir/setup-state"
 # Create the topics (waymark does so at start), then stop it before producing.

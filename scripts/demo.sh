@@ -12,7 +12,7 @@ suffix=$(date +%s)
 export WAYMARK_KAFKA_INPUT_TOPICS="demo-events-$suffix"
 export WAYMARK_TOPICS_ENTRIES="demo-entries-$suffix" WAYMARK_TOPICS_STEPS="demo-steps-$suffix"
 export WAYMARK_TOPICS_CONVERSIONS="demo-conversions-$suffix" WAYMARK_TOPICS_DLQ="demo-dlq-$suffix"
-export WAYMARK_TOPICS_ROUTE="demo-route-$suffix"
+export WAYMARK_TOPICS_ROUTE="demo-route-$suffix" WAYMARK_TOPICS_CHANGELOG="demo-changelog-$suffix"
 echo "== validating the journeys"
 "$bin" validate config/journeys
 echo "== starting waymark run (state in $run/state, log in $run/waymark.log)"
