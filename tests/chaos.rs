@@ -747,27 +747,38 @@ fn state_dir_deleted_while_down() {
 }
 
 /// Scenario 6: A crash after a batch's outputs are acknowledged but before its state and offsets
-/// are written (failpoint `crash_after_acks:N`); started again without the failpoint, every
-/// record, entries included, is still emitted. With the changelog on, the changelog records and
-/// the batch's marker are acknowledged with the outputs, so the crashed batch is restored, not
-/// redone: duplicates may be none.
+/// are stored anywhere (failpoint `crash_before_changelog:N`: neither the changelog nor the local
+/// store has the batch); started again without the failpoint, the batch is processed again and
+/// every record, entries included, is emitted (again, identical).
 #[test]
 fn crash_between_acks_and_offsets() {
-    crash_after_acks("crash-after-acks", true);
-}
-
-/// Scenario 6 without the changelog: the crashed batch's inputs are processed again from the local
-/// offsets, and its outputs are emitted again, identical.
-#[test]
-fn crash_between_acks_and_offsets_without_changelog() {
-    let t = crash_after_acks("crash-after-acks-no-changelog", false);
+    let t = crash_after_acks("crash-before-changelog", true, "crash_before_changelog");
     assert!(
         t.duplicated > 0,
         "the crashed batch's outputs are emitted again on restart"
     );
 }
 
-fn crash_after_acks(scenario: &str, changelog: bool) -> Tally {
+/// Scenario 6, later crash point (`crash_after_acks:N`): the batch's changelog records and marker
+/// were acknowledged with its outputs, so on restart the batch is restored from the changelog,
+/// not redone.
+#[test]
+fn crash_after_the_changelog_is_acknowledged() {
+    crash_after_acks("crash-after-acks", true, "crash_after_acks");
+}
+
+/// Scenario 6 without the changelog: the crashed batch's inputs are processed again from the local
+/// offsets, and its outputs are emitted again, identical.
+#[test]
+fn crash_between_acks_and_offsets_without_changelog() {
+    let t = crash_after_acks("crash-after-acks-no-changelog", false, "crash_after_acks");
+    assert!(
+        t.duplicated > 0,
+        "the crashed batch's outputs are emitted again on restart"
+    );
+}
+
+fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
     let started = Instant::now();
     let stream = bench_stream(scale(20_000, 200_000), 6);
     let (mut s, _broker) = setup("failpoint", stream.tmp.path(), &stream.journeys);
@@ -785,7 +796,7 @@ fn crash_after_acks(scenario: &str, changelog: bool) -> Tally {
     // The failpoint counts the batches of one process that had work; the first crash lets two
     // batches through, later ones crash on their first (so that run makes no progress at all).
     for n in 0..scale(2, 4) {
-        let fp = format!("crash_after_acks:{}", if n == 0 { 2 } else { 1 });
+        let fp = format!("{failpoint}:{}", if n == 0 { 2 } else { 1 });
         let mut i = s.start_with("a", &[("WAYMARK_FAILPOINT", fp.as_str())]);
         c.logs.push(i.log.clone());
         let status = i.wait_exit(secs(120), &format!("at the failpoint {fp}"));
@@ -794,12 +805,37 @@ fn crash_after_acks(scenario: &str, changelog: bool) -> Tally {
             "{fp}: exited {status}, not a crash:\n{}",
             i.log_text()
         );
-        eprintln!("chaos: {fp}: crashed ({status})");
+        let at = i.log_text();
+        let at = at
+            .lines()
+            .find(|l| l.contains("failpoint crash"))
+            .unwrap_or("");
+        eprintln!("chaos: {fp}: crashed ({status}): {at}");
         let v = v.get_or_insert_with(|| Verifier::new(&s.names, &stream.expected));
         v.pump(secs(1));
     }
-    let v = v.unwrap();
+    let mut v = v.unwrap();
     c.spawn("a");
+    // The crashed runs' outputs may already hold every expected record: wait until the last run
+    // has caught up with the stream (no lag on any partition), so its repeats are counted.
+    let deadline = Instant::now() + secs(120);
+    let events_topic = format!("topic=\"{}\"", s.names.events);
+    loop {
+        let metrics = c.get("a").metrics();
+        let lags: Vec<f64> = metrics
+            .lines()
+            .filter(|l| l.starts_with("waymark_consumer_lag") && l.contains(&events_topic))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        if lags.len() == PARTITIONS as usize && lags.iter().all(|&x| x == 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last run did not catch up with the stream"
+        );
+        v.pump(Duration::from_millis(500));
+    }
     finish(c, v, None, scenario, stream.events.len(), started)
 }
 

@@ -192,9 +192,9 @@ struct Core {
     fatal: Option<anyhow::Error>,
     last_tick: Instant,
     clock: Clock,
-    /// Batches made durable so far, and the test failpoint `crash_after_acks:N`.
+    /// Batches made durable so far, and the test failpoint (see [`Failpoint`]).
     commits: u64,
-    crash_after_acks: Option<u64>,
+    failpoint: Option<Failpoint>,
     aborts_in_row: u32,
 }
 
@@ -933,6 +933,24 @@ impl Core {
                 }
             }
         }
+        if let Some(Failpoint::CrashBeforeChangelog(n)) = self.failpoint {
+            if self.commits + 1 == n {
+                // Outputs acknowledged; neither the changelog nor the local store has the batch.
+                self.producer
+                    .flush(Duration::from_secs(90))
+                    .map_err(|e| anyhow!("outputs not acknowledged by the broker: {e}"))?;
+                self.producer
+                    .context()
+                    .check()
+                    .map_err(|e| anyhow!("{e}"))?;
+                error!(
+                    commit = n,
+                    inputs = self.batch_inputs,
+                    "failpoint crash_before_changelog: aborting after the outputs were acknowledged, before the batch reaches the changelog or the state"
+                );
+                std::process::abort();
+            }
+        }
         let marked = self.write_changelog();
         if self.eos {
             if !self.commit_transaction(consumer)? {
@@ -953,7 +971,7 @@ impl Core {
             .with_label_values(&[if self.eos { "transaction" } else { "acks" }])
             .observe((acked - t0).as_secs_f64());
         self.commits += 1;
-        if self.crash_after_acks == Some(self.commits) {
+        if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
             error!(
                 commit = self.commits,
                 "failpoint crash_after_acks: aborting after the outputs were acknowledged, before state and offsets are written"
@@ -1441,15 +1459,29 @@ fn instance_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// `WAYMARK_FAILPOINT=crash_after_acks:N` (tests): abort after the N-th batch is acknowledged.
-fn failpoint() -> anyhow::Result<Option<u64>> {
+/// Test failpoints, from `WAYMARK_FAILPOINT`: the process aborts at the N-th batch commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failpoint {
+    /// `crash_after_acks:N`: after outputs and changelog records are acknowledged, before the
+    /// group commit and the local state write.
+    CrashAfterAcks(u64),
+    /// `crash_before_changelog:N`: after the outputs are acknowledged, before any of the batch's
+    /// changelog records is sent.
+    CrashBeforeChangelog(u64),
+}
+
+fn failpoint() -> anyhow::Result<Option<Failpoint>> {
     let Ok(v) = std::env::var("WAYMARK_FAILPOINT") else {
         return Ok(None);
     };
-    v.strip_prefix("crash_after_acks:")
-        .and_then(|n| n.parse().ok())
-        .map(Some)
-        .ok_or_else(|| anyhow!("WAYMARK_FAILPOINT={v:?}: the only failpoint is crash_after_acks:N"))
+    let parse = |prefix: &str| v.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
+    if let Some(n) = parse("crash_after_acks:") {
+        return Ok(Some(Failpoint::CrashAfterAcks(n)));
+    }
+    if let Some(n) = parse("crash_before_changelog:") {
+        return Ok(Some(Failpoint::CrashBeforeChangelog(n)));
+    }
+    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N and crash_before_changelog:N")
 }
 
 /// Runs the service until `shutdown` is set; returns after draining and committing.
@@ -1522,7 +1554,7 @@ pub fn run(
         last_tick: Instant::now(),
         clock: Clock::shifted(cfg.processing.clock_offset_ms),
         commits: 0,
-        crash_after_acks: failpoint()?,
+        failpoint: failpoint()?,
         aborts_in_row: 0,
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
