@@ -189,7 +189,10 @@ mod tests {
         )
     }
 
-    fn feed_all(r: &mut Replayer, log: &[(&str, Vec<u8>, Option<Vec<u8>>)]) -> Vec<Batch> {
+    /// (writer, key, value) records in offset order.
+    type Log<'a> = [(&'a str, Vec<u8>, Option<Vec<u8>>)];
+
+    fn feed_all(r: &mut Replayer, log: &Log<'_>) -> Vec<Batch> {
         let mut out = Vec::new();
         for (i, (w, k, v)) in log.iter().enumerate() {
             if let Some(b) = r.feed(i as i64, w, k, v.as_deref()).unwrap() {
