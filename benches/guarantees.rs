@@ -4,7 +4,9 @@
 //! cluster (it supports transactions; the test broker tansu does not) over the same pre-produced
 //! stream (`waymark loadgen`'s ten journeys, ~30% of events touching one), from offset 0 until
 //! every input record is consumed and committed. Prints events/s per configuration.
-//! `BENCH_EVENTS` sets the stream length (default 200000).
+//! `BENCH_EVENTS` sets the stream length (default 200000; the mock keeps only about 25k records
+//! per partition, so more than that per partition is dropped from the log's start and the run
+//! stalls, which the stall check reports).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -120,8 +122,22 @@ fn run_one(run: &Run, evs: &[(String, String)], journeys: &std::path::Path) -> f
         std::thread::sleep(Duration::from_millis(5));
     }
     let t0 = Instant::now();
+    let (mut last, mut moved) = (0, Instant::now());
     while consumed() < evs.len() as u64 {
         assert!(!handle.is_finished(), "the runtime stopped");
+        let now = consumed();
+        if now != last {
+            (last, moved) = (now, Instant::now());
+        }
+        if moved.elapsed() >= Duration::from_secs(60) {
+            eprintln!("{}", metrics.render());
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(60),
+            "{}: no progress for 60 s at {now} of {} events",
+            run.name,
+            evs.len()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     // Counted once everything consumed is committed: stop drains and commits.
@@ -132,6 +148,10 @@ fn run_one(run: &Run, evs: &[(String, String)], journeys: &std::path::Path) -> f
 }
 
 fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let n: u64 = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|s| s.parse().ok())
