@@ -88,6 +88,10 @@ fn run_one(run: &Run, evs: &[(String, String)], journeys: &std::path::Path) -> f
             "WAYMARK_PROCESSING_COMMIT_INTERVAL_MS",
             run.commit_interval_ms.to_string(),
         ),
+        (
+            "WAYMARK_PROCESSING_TRANSACTION_INTERVAL_MS",
+            run.commit_interval_ms.to_string(),
+        ),
     ];
     let cfg =
         waymark::config::load(None, env.into_iter().map(|(k, v)| (k.to_string(), v)), &[]).unwrap();

@@ -66,6 +66,7 @@ pub struct MetricsConfig {
 pub struct ProcessingConfig {
     pub guarantee: Guarantee,
     pub commit_interval_ms: u64,
+    pub transaction_interval_ms: u64,
     pub commit_max_records: usize,
     pub max_event_bytes: usize,
     pub timer_tick_ms: u64,
@@ -341,6 +342,9 @@ impl Config {
         }
         if self.kafka.transaction_timeout_ms < 1000 {
             e.push("kafka.transaction_timeout_ms: must be at least 1000".into());
+        }
+        if self.processing.transaction_interval_ms == 0 {
+            e.push("processing.transaction_interval_ms: must be at least 1".into());
         }
         if self.processing.commit_interval_ms == 0 {
             e.push("processing.commit_interval_ms: must be at least 1".into());

@@ -800,6 +800,11 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         // crash lets one batch of work through; without, the first commit is already work.
         let first = if changelog { 2 } else { 1 };
         let fp = format!("{failpoint}:{}", if n == 0 { first } else { 1 });
+        if n > 0 {
+            // A crashed member never leaves the group: start the next one after its session has
+            // expired, or tansu may hand the newcomer nothing and not rebalance again.
+            std::thread::sleep(secs(9));
+        }
         let mut i = s.start_with("a", &[("WAYMARK_FAILPOINT", fp.as_str())]);
         c.logs.push(i.log.clone());
         let status = i.wait_exit(secs(120), &format!("at the failpoint {fp}"));
@@ -818,6 +823,7 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         v.pump(secs(1));
     }
     let mut v = v.unwrap();
+    std::thread::sleep(secs(9));
     c.spawn("a");
     // The crashed runs' outputs may already hold every expected record: wait until the last run
     // has caught up with the stream (no lag on any partition), so its repeats are counted.

@@ -97,7 +97,7 @@ impl Mock {
                 "exactly_once".to_string(),
             ),
             (
-                "WAYMARK_PROCESSING_COMMIT_INTERVAL_MS".to_string(),
+                "WAYMARK_PROCESSING_TRANSACTION_INTERVAL_MS".to_string(),
                 "100".to_string(),
             ),
         ];

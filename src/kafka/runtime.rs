@@ -898,7 +898,11 @@ impl Core {
         if self.batch_inputs % 64 != 0 {
             return false;
         }
-        let interval = Duration::from_millis(self.cfg.processing.commit_interval_ms);
+        let interval = Duration::from_millis(if self.eos {
+            self.cfg.processing.transaction_interval_ms
+        } else {
+            self.cfg.processing.commit_interval_ms
+        });
         (self.batch_inputs > 0
             || self
                 .parts
