@@ -827,7 +827,7 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
     c.spawn("a");
     // The crashed runs' outputs may already hold every expected record: wait until the last run
     // has caught up with the stream (no lag on any partition), so its repeats are counted.
-    let deadline = Instant::now() + secs(120);
+    let deadline = Instant::now() + secs(scale(120, 900));
     let events_topic = format!("topic=\"{}\"", s.names.events);
     loop {
         let metrics = c.get("a").metrics();
@@ -841,7 +841,8 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         }
         assert!(
             Instant::now() < deadline,
-            "the last run did not catch up with the stream"
+            "the last run did not catch up with the stream (lag {lags:?}):\n{}",
+            tail(&c.get("a").log)
         );
         v.pump(Duration::from_millis(500));
     }
