@@ -786,6 +786,14 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         s.extra_env
             .push(("WAYMARK_STATE_CHANGELOG".into(), "false".into()));
     }
+    // Full form: the broker answers heartbeats slowly while a 200k-event redo is written to it;
+    // a longer session keeps the single member from losing its partitions over and over.
+    let session_ms: u64 = scale(6_000, 30_000);
+    s.extra_env.push((
+        "WAYMARK_KAFKA_SESSION_TIMEOUT_MS".into(),
+        session_ms.to_string(),
+    ));
+    let expire = Duration::from_millis(session_ms + 3_000);
     let mut c = Cluster::new(&s);
     // The whole stream is there before the first crashing start, so every run has work to crash
     // in; a first clean start and stop creates the topics.
@@ -803,7 +811,7 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         if n > 0 {
             // A crashed member never leaves the group: start the next one after its session has
             // expired, or tansu may hand the newcomer nothing and not rebalance again.
-            std::thread::sleep(secs(9));
+            std::thread::sleep(expire);
         }
         let mut i = s.start_with("a", &[("WAYMARK_FAILPOINT", fp.as_str())]);
         c.logs.push(i.log.clone());
@@ -823,7 +831,7 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         v.pump(secs(1));
     }
     let mut v = v.unwrap();
-    std::thread::sleep(secs(9));
+    std::thread::sleep(expire);
     c.spawn("a");
     // The crashed runs' outputs may already hold every expected record: wait until the last run
     // has caught up with the stream (no lag on any partition), so its repeats are counted.
