@@ -210,6 +210,15 @@ fn is_fenced(e: &KafkaError) -> bool {
     )
 }
 
+/// Whether a transactional producer error means a newer instance took its transactional.id.
+fn is_producer_fenced(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch | C::FencedInstanceId
+    )
+}
+
 /// How a changelog restore ended.
 enum Restored {
     Done(changelog::RestoreStats),
@@ -1110,14 +1119,7 @@ impl Core {
             let metrics = &self.metrics;
             let classify = |e: KafkaError| match &e {
                 KafkaError::Transaction(t) => {
-                    use rdkafka::types::RDKafkaErrorCode as C;
-                    if matches!(
-                        t.code(),
-                        C::Fenced
-                            | C::ProducerFenced
-                            | C::InvalidProducerEpoch
-                            | C::FencedInstanceId
-                    ) {
+                    if is_producer_fenced(t.code()) {
                         metrics.fenced.inc();
                     }
                     (t.txn_requires_abort(), e.to_string())
@@ -1137,11 +1139,7 @@ impl Core {
                         Err(KafkaError::Transaction(e))
                             if e.is_retriable() && !e.txn_requires_abort() =>
                         {
-                            self.metrics
-                                .transactions
-                                .with_label_values(&["commit_retried"])
-                                .inc();
-                            warn!(error = %e, "adding the input offsets to the transaction timed out; retrying");
+                            self.note_retry(&e, "adding the input offsets to the transaction");
                         }
                         Err(e) => return Err(classify(e)),
                     }
@@ -1163,11 +1161,7 @@ impl Core {
                         if e.is_retriable() && !e.txn_requires_abort() =>
                     {
                         // Never abort after a timeout: the commit may have happened.
-                        self.metrics
-                            .transactions
-                            .with_label_values(&["commit_retried"])
-                            .inc();
-                        warn!(error = %e, "transaction commit not confirmed yet; retrying the commit");
+                        self.note_retry(&e, "the transaction commit");
                     }
                     Err(e) => {
                         return Err(classify(e));
@@ -1207,15 +1201,20 @@ impl Core {
         }
     }
 
+    /// Counts and logs a transaction step that timed out and is tried again.
+    fn note_retry(&self, e: &rdkafka::error::RDKafkaError, what: &str) {
+        self.metrics
+            .transactions
+            .with_label_values(&["commit_retried"])
+            .inc();
+        warn!(error = %e, "{what} not confirmed yet; retrying");
+    }
+
     /// exactly_once: a producer in a fatal state (fenced by a newer instance with the same
     /// transactional.id, or another unrecoverable error) stops the service.
     fn check_fatal(&self) -> anyhow::Result<()> {
         if let Some((code, reason)) = self.producer.client().fatal_error() {
-            use rdkafka::types::RDKafkaErrorCode as C;
-            if matches!(
-                code,
-                C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch | C::FencedInstanceId
-            ) {
+            if is_producer_fenced(code) {
                 self.metrics.fenced.inc();
                 bail!("this instance's transactional producer was fenced by a newer one ({code:?}: {reason}); stopping without committing");
             }
