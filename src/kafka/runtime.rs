@@ -12,10 +12,11 @@
 //!    for users owned elsewhere (to the route topic).
 //!
 //! Every `commit_interval_ms` (or `commit_max_records` inputs) the batch is made durable in this
-//! order: wait until the broker has acknowledged every output, then write each partition's state
-//! changes together with the input offsets they reach in one RocksDB batch, then commit the
-//! offsets to the group (progress for lag tools). A crash at any point replays from the store's
-//! offsets: outputs may repeat, with the same deterministic ids, and none is lost.
+//! order (at_least_once): wait until the broker has acknowledged every output and changelog
+//! change, then send each partition's changelog marker and wait for it, commit the offsets to the
+//! group, and write each partition's state changes together with the input offsets they reach in
+//! one RocksDB batch. A crash at any point replays from the offsets of the last marker (or of the
+//! local store): outputs may repeat, with the same deterministic ids, and none is lost.
 //!
 //! Timers: while a partition works through a backlog they fire by event time, before the first
 //! event at or past their due time; once it is caught up (no lag), every `timer_tick_ms` it fires
@@ -921,9 +922,9 @@ impl Core {
     }
 
     /// Makes the batch durable. at_least_once: wait until the broker has acknowledged every
-    /// output and changelog record, commit the input offsets to the group (a member that has been
-    /// replaced learns it here and drops the batch), then write each partition's state, offsets
-    /// and changelog position in one local batch. exactly_once: commit outputs, changelog and
+    /// output and changelog change, then every changelog marker; commit the input offsets to the
+    /// group (a member that has been replaced learns it here and drops the batch), then write
+    /// each partition's state, offsets and changelog position in one local batch. exactly_once: commit outputs, changelog and
     /// input offsets in one transaction, then write local state; an abortable error aborts,
     /// drops the batch and rewinds the consumer to the last committed offsets.
     fn commit_batch(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
@@ -964,20 +965,26 @@ impl Core {
                 std::process::abort();
             }
         }
-        let marked = self.write_changelog();
-        if self.eos {
+        self.send_changelog_changes();
+        let marked = if self.eos {
+            let marked = self.send_changelog_markers();
             if !self.commit_transaction(consumer)? {
                 return Ok(()); // aborted and rewound
             }
+            marked
         } else {
-            self.producer
-                .flush(Duration::from_secs(90))
-                .map_err(|e| anyhow!("outputs not acknowledged by the broker: {e}; state not committed, a restart replays them"))?;
-            self.producer
-                .context()
-                .check()
-                .map_err(|e| anyhow!("{e}; state not committed, a restart replays them"))?;
-        }
+            // A marker makes its batch part of the partition's state for whoever restores it
+            // next, so it goes out only once every output, routed record and dead letter of the
+            // batch is acknowledged: the producer orders records per partition only, and a
+            // marker acknowledged before an output on another partition would, after a crash,
+            // restore past inputs whose outputs never arrived.
+            self.flush_and_check("outputs")?;
+            let marked = self.send_changelog_markers();
+            if !marked.is_empty() {
+                self.flush_and_check("changelog markers")?;
+            }
+            marked
+        };
         let acked = Instant::now();
         self.metrics
             .commit_seconds
@@ -1060,45 +1067,73 @@ impl Core {
         Ok(())
     }
 
-    /// Sends every staged change of every partition to the changelog, each partition's followed by
-    /// its marker. Returns the partitions that wrote a marker.
-    fn write_changelog(&mut self) -> Vec<i32> {
-        let mut marked = Vec::new();
-        if self.restorer.is_none() {
-            return marked;
-        }
+    /// at_least_once: waits until the broker has acknowledged everything sent so far.
+    fn flush_and_check(&self, what: &str) -> anyhow::Result<()> {
+        self.producer.flush(Duration::from_secs(90)).map_err(|e| {
+            anyhow!("{what} not acknowledged by the broker: {e}; state not committed, a restart replays them")
+        })?;
+        self.producer
+            .context()
+            .check()
+            .map_err(|e| anyhow!("{e}; state not committed, a restart replays them"))
+    }
+
+    /// The partitions that owe the changelog a batch: staged changes, or a claim.
+    fn changelog_parts(&self) -> impl Iterator<Item = (&i32, &Part)> {
+        let on = self.restorer.is_some();
+        self.parts
+            .iter()
+            .filter(move |(_, part)| on && (part.claim || part.proc.state().staged() > 0))
+    }
+
+    fn writer_header(part: &Part) -> OwnedHeaders {
+        OwnedHeaders::new().insert(Header {
+            key: changelog::HEADER_WRITER,
+            value: Some(&part.writer),
+        })
+    }
+
+    /// Sends every staged change of every partition to the changelog. Until its marker follows,
+    /// a restore ignores them.
+    fn send_changelog_changes(&self) {
         let topic = &self.cfg.topics.changelog;
         let mut sent = 0u64;
-        for (p, part) in &self.parts {
-            if !part.claim && part.proc.state().staged() == 0 {
-                continue;
-            }
-            let writer_header = || {
-                OwnedHeaders::new().insert(Header {
-                    key: changelog::HEADER_WRITER,
-                    value: Some(&part.writer),
-                })
-            };
+        for (p, part) in self.changelog_parts() {
             for (table, key, value) in part.proc.state().pending() {
                 if changelog::is_local_meta(table, key) {
                     continue;
                 }
                 let k = changelog::record_key(table, key);
-                self.send_raw(topic, Some(*p), &k, value, Some(writer_header()), 0);
+                self.send_raw(
+                    topic,
+                    Some(*p),
+                    &k,
+                    value,
+                    Some(Self::writer_header(part)),
+                    0,
+                );
                 sent += 1;
             }
+        }
+        self.metrics.changelog_records.inc_by(sent);
+    }
+
+    /// Sends each partition's marker after its changes. Returns the partitions that wrote one.
+    fn send_changelog_markers(&self) -> Vec<i32> {
+        let topic = &self.cfg.topics.changelog;
+        let mut marked = Vec::new();
+        for (p, part) in self.changelog_parts() {
             self.send_raw(
                 topic,
                 Some(*p),
                 &changelog::marker_key(&part.writer),
                 Some(&changelog::marker_value(part.epoch)),
-                Some(writer_header()),
+                Some(Self::writer_header(part)),
                 MARKER_OPAQUE | *p as usize,
             );
-            sent += 1;
             marked.push(*p);
         }
-        self.metrics.changelog_records.inc_by(sent);
+        self.metrics.changelog_records.inc_by(marked.len() as u64);
         marked
     }
 

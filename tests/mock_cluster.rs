@@ -1,5 +1,7 @@
-//! `processing.guarantee = "exactly_once"` against librdkafka's mock cluster, in process.
+//! `waymark run` against librdkafka's mock cluster, in process: the exactly_once code paths, and
+//! the at_least_once order of outputs and changelog markers (the mock can take one broker down).
 //!
+//! For `processing.guarantee = "exactly_once"`:
 //! The mock speaks the transaction protocol (InitProducerId, AddPartitionsToTxn, TxnOffsetCommit,
 //! EndTxn) and injects request errors, but writes no transaction markers: aborted records stay
 //! visible to readers. So these tests check waymark's side of the contract: state and offsets move
@@ -15,9 +17,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::mocking::MockCluster;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::mocking::{MockCluster, MockCoordinator};
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use waymark::config::Config;
 use waymark::metrics::Metrics;
@@ -27,6 +32,7 @@ use waymark::store::State;
 const PARTITIONS: i32 = 2;
 const EVENTS: &str = "events";
 const ENTRIES: &str = "waymark.entries";
+const CHANGELOG: &str = "waymark.changelog";
 
 struct Mock {
     cluster: MockCluster<'static, DefaultProducerContext>,
@@ -35,7 +41,12 @@ struct Mock {
 
 impl Mock {
     fn new() -> Mock {
-        let cluster = MockCluster::new(1).unwrap();
+        Mock::with_brokers(1)
+    }
+
+    /// A cluster of `brokers` brokers; every partition led by broker 1 (ids start at 1).
+    fn with_brokers(brokers: i32) -> Mock {
+        let cluster = MockCluster::new(brokers).unwrap();
         let topics = [
             EVENTS,
             "waymark.route",
@@ -47,6 +58,14 @@ impl Mock {
         ];
         for t in topics {
             cluster.create_topic(t, PARTITIONS, 1).unwrap();
+            for p in 0..PARTITIONS {
+                cluster.partition_leader(t, p, Some(1)).unwrap();
+            }
+        }
+        for g in ["eos", "eos-restore"] {
+            cluster
+                .coordinator(MockCoordinator::Group(g.to_string()), 1)
+                .unwrap();
         }
         let tmp = tempfile::tempdir().unwrap();
         let jdir = tmp.path().join("journeys");
@@ -139,6 +158,46 @@ impl Mock {
                 hi - lo
             })
             .sum()
+    }
+
+    /// The changelog so far: (session changes, markers) over every partition.
+    fn changelog(&self) -> (usize, usize) {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", "changelog-reader")
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        let mut open = 0;
+        for p in 0..PARTITIONS {
+            let (lo, hi) = c
+                .fetch_watermarks(CHANGELOG, p, Duration::from_secs(5))
+                .unwrap();
+            if hi > lo {
+                tpl.add_partition_offset(CHANGELOG, p, Offset::Offset(lo))
+                    .unwrap();
+                open += 1;
+            }
+        }
+        let (mut changes, mut markers) = (0, 0);
+        if open == 0 {
+            return (0, 0);
+        }
+        c.assign(&tpl).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while open > 0 && Instant::now() < deadline {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => match m.key().unwrap_or_default() {
+                    k if k.starts_with(waymark::kafka::changelog::MARKER_PREFIX) => markers += 1,
+                    [b's', ..] => changes += 1,
+                    _ => {}
+                },
+                Some(Err(KafkaError::PartitionEOF(_))) => open -= 1,
+                _ => {}
+            }
+        }
+        (changes, markers)
     }
 
     /// Input offsets the local stores reached (what the transactions committed; the mock
@@ -374,4 +433,63 @@ fn a_fenced_producer_stops_the_service_with_an_error() {
     assert!(fenced >= 1);
     // Nothing of the fenced batch reached local state.
     assert_eq!(m.sessions(), 10);
+}
+
+/// at_least_once: a changelog marker makes its batch part of the state whoever restores the
+/// partition next will have, and that owner resumes after the batch's inputs. So the marker must
+/// not reach the broker before every output of the batch is acknowledged, or a crash in between
+/// loses those outputs. Here the broker that leads the entries topic is down: the batch's
+/// session changes may reach the changelog, its marker must wait until the entries are written.
+#[test]
+fn at_least_once_sends_a_changelog_marker_only_after_the_outputs_are_acknowledged() {
+    let m = Mock::with_brokers(2);
+    for p in 0..PARTITIONS {
+        m.cluster.partition_leader(ENTRIES, p, Some(2)).unwrap();
+    }
+    let r = start(m.config(&[
+        ("WAYMARK_PROCESSING_GUARANTEE", "at_least_once"),
+        ("WAYMARK_PROCESSING_COMMIT_INTERVAL_MS", "100"),
+    ]));
+    r.wait(Duration::from_secs(60), "ready", |r| {
+        r.metrics.ready_flag.load(Ordering::SeqCst)
+    });
+    let (_, claims) = m.changelog();
+    assert_eq!(claims, PARTITIONS as usize, "one claim marker a partition");
+    m.cluster.broker_down(2).unwrap();
+    m.signups(0, 20);
+    r.wait(Duration::from_secs(30), "the entries to be made", |r| {
+        r.entries() >= 20
+    });
+    // The commit has begun: the session changes go out at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.changelog().0 < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "session changes not in the changelog"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, markers) = m.changelog();
+    assert_eq!(
+        markers, claims,
+        "a marker reached the changelog before the batch's outputs were acknowledged"
+    );
+    m.cluster.broker_up(2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while m.changelog().1 == claims {
+        assert!(
+            Instant::now() < deadline,
+            "no marker after the outputs landed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        m.count(ENTRIES),
+        20,
+        "the outputs are written before the marker"
+    );
+    r.stop().unwrap();
+    assert_eq!(m.sessions(), 20);
+    assert_eq!(m.stored_offsets(), 20);
 }
