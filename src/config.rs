@@ -50,6 +50,7 @@ pub struct StateConfig {
     pub dir: PathBuf,
     pub sync: bool,
     pub changelog: bool,
+    pub changelog_min_compaction_lag_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -460,6 +461,7 @@ mod tests {
         assert_eq!(c.processing.guarantee, Guarantee::AtLeastOnce);
         assert!(c.state.changelog);
         assert_eq!(c.topics.changelog, "waymark.changelog");
+        assert_eq!(c.state.changelog_min_compaction_lag_ms, 86_400_000);
         let c = load(
             None,
             env(&[("WAYMARK_PROCESSING_GUARANTEE", "exactly_once")]),

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::{MockCluster, MockCoordinator};
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use waymark::config::Config;
+use waymark::kafka::changelog::{HEADER_WRITER, MARKER_PREFIX};
 use waymark::metrics::Metrics;
 use waymark::store::rocks::RocksStore;
 use waymark::store::State;
@@ -160,8 +161,9 @@ impl Mock {
             .sum()
     }
 
-    /// The changelog so far: (session changes, markers) over every partition.
-    fn changelog(&self) -> (usize, usize) {
+    /// The changelog so far, partition by partition in offset order: (partition, writer, key,
+    /// value).
+    fn changelog_records(&self) -> Vec<(i32, String, Vec<u8>, Vec<u8>)> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .set("group.id", "changelog-reader")
@@ -180,23 +182,48 @@ impl Mock {
                 open += 1;
             }
         }
-        let (mut changes, mut markers) = (0, 0);
+        let mut records = Vec::new();
         if open == 0 {
-            return (0, 0);
+            return records;
         }
         c.assign(&tpl).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while open > 0 && Instant::now() < deadline {
+        while open > 0 {
+            assert!(Instant::now() < deadline, "changelog not read to its end");
             match c.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => match m.key().unwrap_or_default() {
-                    k if k.starts_with(waymark::kafka::changelog::MARKER_PREFIX) => markers += 1,
-                    [b's', ..] => changes += 1,
-                    _ => {}
-                },
+                Some(Ok(m)) => {
+                    let writer = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|x| x.key == HEADER_WRITER))
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
+                    records.push((
+                        m.partition(),
+                        writer,
+                        m.key().unwrap_or_default().to_vec(),
+                        m.payload().unwrap_or_default().to_vec(),
+                    ));
+                }
                 Some(Err(KafkaError::PartitionEOF(_))) => open -= 1,
                 _ => {}
             }
         }
+        records.sort_by_key(|r| r.0); // stable: offset order within a partition
+        records
+    }
+
+    /// The changelog so far: (session changes, markers) over every partition.
+    fn changelog(&self) -> (usize, usize) {
+        let records = self.changelog_records();
+        let markers = records
+            .iter()
+            .filter(|r| r.2.starts_with(MARKER_PREFIX))
+            .count();
+        let changes = records
+            .iter()
+            .filter(|r| r.2.first() == Some(&b's'))
+            .count();
         (changes, markers)
     }
 
@@ -492,4 +519,72 @@ fn at_least_once_sends_a_changelog_marker_only_after_the_outputs_are_acknowledge
     r.stop().unwrap();
     assert_eq!(m.sessions(), 20);
     assert_eq!(m.stored_offsets(), 20);
+}
+
+/// A dead writer's unfinished batch is the newest record of its keys; compaction could then drop
+/// the committed value under it. The partition's next owner writes the restored value again with
+/// its claim, so a committed record is the newest one again.
+#[test]
+fn a_new_owner_rewrites_the_keys_of_a_dead_writers_unfinished_batch() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use waymark::kafka::changelog::{marker_key, marker_value, record_key};
+    let m = Mock::new();
+    let key = record_key(waymark::store::Table::Meta, b"test/k");
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", m.brokers())
+        .create()
+        .unwrap();
+    let log: [(&str, Vec<u8>, Vec<u8>); 3] = [
+        ("w1", key.clone(), b"committed".to_vec()),
+        ("w1", marker_key("w1"), marker_value(1)),
+        ("w2", key.clone(), b"unfinished".to_vec()),
+    ];
+    for (writer, k, v) in &log {
+        let h = OwnedHeaders::new().insert(Header {
+            key: HEADER_WRITER,
+            value: Some(*writer),
+        });
+        p.send(
+            BaseRecord::to(CHANGELOG)
+                .partition(0)
+                .key(k)
+                .payload(v)
+                .headers(h),
+        )
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let r = start(m.config(&[("WAYMARK_PROCESSING_GUARANTEE", "at_least_once")]));
+    r.wait(Duration::from_secs(60), "ready", |r| {
+        r.metrics.ready_flag.load(Ordering::SeqCst)
+    });
+    r.stop().unwrap();
+    let records: Vec<(String, Vec<u8>, Vec<u8>)> = m
+        .changelog_records()
+        .into_iter()
+        .filter(|r| r.0 == 0)
+        .map(|(_, w, k, v)| (w, k, v))
+        .collect();
+    let last = records
+        .iter()
+        .rposition(|(_, k, _)| *k == key)
+        .expect("the key is in the changelog");
+    let (writer, _, value) = &records[last];
+    assert_eq!(
+        value, b"committed",
+        "the newest record of the key: {records:?}"
+    );
+    assert!(writer != "w1" && writer != "w2", "written by the new owner");
+    assert!(
+        records[last..]
+            .iter()
+            .any(|(w, k, _)| w == writer && *k == marker_key(writer)),
+        "and committed by its marker"
+    );
+    let store = RocksStore::open_read_only(&m.state_dir().join("partition-0")).unwrap();
+    let state = State::new(store).unwrap();
+    assert_eq!(
+        state.get_meta("test/k").unwrap().as_deref(),
+        Some(&b"committed"[..])
+    );
 }

@@ -16,9 +16,14 @@
 //!   partition and did not know yet): its batch is dropped;
 //! - with `cleanup.policy=compact`, older values of a key and older markers of the same writer
 //!   may vanish; every surviving record still precedes a surviving marker of its writer, so what
-//!   is applied is the same.
+//!   is applied is the same. One hazard remains: a dropped record (unfinished or a zombie's) is
+//!   the newest of its key, so compaction could remove the committed value before it. Two things
+//!   close it: the restore reports the keys it dropped ([`Restore::dropped`]) and the new owner
+//!   writes their restored values again in its claim, so a committed record is again the newest;
+//!   and the topic is created with `min.compaction.lag.ms` (`state.changelog_min_compaction_lag_ms`),
+//!   so a record that young cannot make the cleaner drop an older one before that claim.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::store::{Batch, Put, Table};
 
@@ -102,11 +107,20 @@ pub struct RestoreStats {
     pub unfinished: u64,
 }
 
+/// What a restore did: its counts, and the keys of the records it dropped.
+#[derive(Debug, Default)]
+pub struct Restore {
+    pub stats: RestoreStats,
+    /// Keys (table, store key) written by dropped records: unfinished batches and zombies'.
+    pub dropped: BTreeSet<(Table, Vec<u8>)>,
+}
+
 /// Turns changelog records, in offset order, into local write batches.
 #[derive(Debug)]
 pub struct Replayer {
     epoch: u64,
     pending: HashMap<String, Vec<Put>>,
+    dropped: BTreeSet<(Table, Vec<u8>)>,
     pub stats: RestoreStats,
 }
 
@@ -116,6 +130,7 @@ impl Replayer {
         Replayer {
             epoch,
             pending: HashMap::new(),
+            dropped: BTreeSet::new(),
             stats: RestoreStats::default(),
         }
     }
@@ -146,6 +161,8 @@ impl Replayer {
                 let ops = self.pending.remove(writer).unwrap_or_default();
                 if epoch < self.epoch {
                     self.stats.stale_batches += 1;
+                    self.dropped
+                        .extend(ops.into_iter().map(|put| (put.table, put.key)));
                     return Ok(None);
                 }
                 self.epoch = epoch;
@@ -167,9 +184,15 @@ impl Replayer {
     }
 
     /// Ends the restore: what was never closed by a marker is dropped.
-    pub fn finish(mut self) -> RestoreStats {
+    pub fn finish(mut self) -> Restore {
         self.stats.unfinished = self.pending.values().map(|v| v.len() as u64).sum();
-        self.stats
+        for put in self.pending.into_values().flatten() {
+            self.dropped.insert((put.table, put.key));
+        }
+        Restore {
+            stats: self.stats,
+            dropped: self.dropped,
+        }
     }
 }
 
@@ -232,7 +255,7 @@ mod tests {
             .find(|p| p.key == META_NEXT.as_bytes())
             .unwrap();
         assert_eq!(next.value.as_deref(), Some(&3i64.to_be_bytes()[..]));
-        let stats = r.finish();
+        let stats = r.finish().stats;
         assert_eq!(stats.batches, 1);
         assert_eq!(stats.records, 3);
     }
@@ -255,7 +278,13 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(keys(&out[0]).is_empty());
         assert_eq!(keys(&out[1]), ["b"]);
-        assert_eq!(r.finish().unfinished, 1);
+        let done = r.finish();
+        assert_eq!(done.stats.unfinished, 1);
+        assert_eq!(
+            done.dropped.into_iter().collect::<Vec<_>>(),
+            [(Table::Sessions, b"a".to_vec())],
+            "the dropped key is reported, to be written again by the new owner"
+        );
     }
 
     #[test]
@@ -276,9 +305,13 @@ mod tests {
         );
         let applied: Vec<String> = out.iter().flat_map(keys).collect();
         assert_eq!(applied, ["b"]);
-        let stats = r.finish();
-        assert_eq!(stats.stale_batches, 1);
-        assert_eq!(stats.unfinished, 0);
+        let done = r.finish();
+        assert_eq!(done.stats.stale_batches, 1);
+        assert_eq!(done.stats.unfinished, 0);
+        assert_eq!(
+            done.dropped.into_iter().collect::<Vec<_>>(),
+            [(Table::Sessions, b"a".to_vec())]
+        );
     }
 
     #[test]

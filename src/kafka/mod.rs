@@ -101,6 +101,12 @@ pub fn topic_partitions(brokers: &str, timeout: Duration) -> anyhow::Result<Hash
         .collect())
 }
 
+/// A compacted topic and the `min.compaction.lag.ms` it is created with.
+pub struct Compacted<'a> {
+    pub topic: &'a str,
+    pub min_lag_ms: u64,
+}
+
 /// Creates the missing topics (`(name, partitions)`; those named in `compacted` with
 /// `cleanup.policy=compact`), then waits until every one is visible with a leader for each
 /// partition: a broker may answer UnknownTopicOrPartition for a moment after creation.
@@ -108,7 +114,7 @@ pub async fn ensure_topics(
     brokers: &str,
     topics: &[(String, i32)],
     replication: i32,
-    compacted: &[&str],
+    compacted: &[Compacted<'_>],
 ) -> anyhow::Result<HashMap<String, i32>> {
     let timeout = Duration::from_secs(10);
     let existing = topic_partitions(brokers, timeout)?;
@@ -120,14 +126,16 @@ pub async fn ensure_topics(
         let admin: AdminClient<DefaultClientContext> = base_config(brokers)
             .create()
             .context("creating an admin client")?;
+        let lags: Vec<String> = compacted.iter().map(|c| c.min_lag_ms.to_string()).collect();
         let new: Vec<NewTopic> = missing
             .iter()
             .map(|(t, n)| {
                 let topic = NewTopic::new(t, *n, TopicReplication::Fixed(replication));
-                if compacted.contains(&t.as_str()) {
-                    topic.set("cleanup.policy", "compact")
-                } else {
-                    topic
+                match compacted.iter().position(|c| c.topic == t.as_str()) {
+                    Some(i) => topic
+                        .set("cleanup.policy", "compact")
+                        .set("min.compaction.lag.ms", &lags[i]),
+                    None => topic,
                 }
             })
             .collect();
@@ -200,7 +208,10 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
         brokers,
         &wanted,
         cfg.kafka.replication_factor,
-        &[&cfg.topics.changelog],
+        &[Compacted {
+            topic: &cfg.topics.changelog,
+            min_lag_ms: cfg.state.changelog_min_compaction_lag_ms,
+        }],
     )
     .await?;
     let mut problems = Vec::new();

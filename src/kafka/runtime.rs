@@ -222,7 +222,7 @@ fn is_producer_fenced(code: rdkafka::types::RDKafkaErrorCode) -> bool {
 
 /// How a changelog restore ended.
 enum Restored {
-    Done(changelog::RestoreStats),
+    Done(changelog::Restore),
     /// The local store is ahead of the changelog: it must be rebuilt from scratch.
     Ahead {
         local: i64,
@@ -325,7 +325,7 @@ impl Core {
 
     /// Opens a partition's store and restores it from the changelog, rebuilding it from scratch
     /// when the local copy is ahead of the changelog (a recreated topic) or unreadable.
-    fn open_partition(&self, p: i32) -> anyhow::Result<(RocksStore, changelog::RestoreStats)> {
+    fn open_partition(&self, p: i32) -> anyhow::Result<(RocksStore, changelog::Restore)> {
         let dir = self.state_dir(p);
         let store = RocksStore::open(&dir, self.cfg.state.sync)
             .with_context(|| format!("opening the state of partition {p}"))?;
@@ -376,7 +376,17 @@ impl Core {
                     changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
                         .unwrap_or(0) as u64
                         + 1;
-                let proc = Processor::new(self.journeys.clone(), State::new(store)?)?;
+                let mut proc = Processor::new(self.journeys.clone(), State::new(store)?)?;
+                // Keys whose newest changelog record was dropped (a dead writer's unfinished
+                // batch, a zombie's) get their restored value written again with the claim, so
+                // that compaction keeps a committed value for them.
+                let state = proc.state_mut();
+                for (table, key) in &restored.dropped {
+                    let value = state.get(*table, key)?;
+                    state.stage(*table, key.clone(), value);
+                }
+                let rewritten = restored.dropped.len();
+                let restored = restored.stats;
                 let mut active: HashMap<String, i64> = HashMap::new();
                 proc.state().all_sessions(&mut |_, s| {
                     *active.entry(s.journey_id).or_default() += 1;
@@ -392,6 +402,7 @@ impl Core {
                     restored_batches = restored.batches,
                     dropped_stale_batches = restored.stale_batches,
                     dropped_unfinished_records = restored.unfinished,
+                    rewritten_keys = rewritten,
                     epoch,
                     ms = restore_ms,
                     "partition state opened"

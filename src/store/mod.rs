@@ -14,7 +14,7 @@ use crate::engine::{Change, ChangeRef, Session};
 use crate::time::Millis;
 
 /// The tables of a store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Table {
     /// Sessions by (application, user, journey, key), prefixed by a hash of (application, user).
     /// A session holds its pending timer's due time; the timer index is derived from them.
