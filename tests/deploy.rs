@@ -133,6 +133,7 @@ fn dashboard_and_alert_metrics_are_exported_by_a_running_instance() {
         .to_string(),
     )
     .unwrap();
+    own_broker();
     let s = Setup {
         names: Names::new("deploy"),
         journeys: jdir,

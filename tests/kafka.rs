@@ -1,5 +1,5 @@
-//! `waymark run` against a real Kafka-protocol broker (`make test` starts one and sets
-//! WAYMARK_TEST_BROKERS). Every test uses its own topics, group and state directory.
+//! `waymark run` against a real Kafka-protocol broker: every test starts a tansu of its own
+//! (`make test` installs it) and uses its own topics, group and state directory.
 
 mod common;
 
@@ -11,7 +11,9 @@ use common::kafka::*;
 use serde_json::{json, Value};
 use waymark::kafka::owner_of;
 
+/// A test's setup, on a broker of the test's own.
 fn setup(test: &str, journeys: &Path, partitions: i32) -> (tempfile::TempDir, Setup) {
+    own_broker();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let s = Setup {

@@ -1417,6 +1417,10 @@ impl ConsumerContext for Ctx {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.metrics.set_ready(false);
+                info!(
+                    partitions = tpl.count(),
+                    "rebalance: assignment received; opening and restoring its partitions"
+                );
                 match core.assign(tpl) {
                     Ok(()) => {
                         if let Err(e) = consumer.assign(tpl) {

@@ -14,12 +14,35 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use waymark::kafka::runtime::Delivery;
 
-/// The broker the tests use; `make test` starts one and sets this. A test with a broker of its
-/// own sets [`Names::brokers`] instead.
+/// The broker the calling test uses: its own (see [`own_broker`]), or else the shared one that
+/// `make test` starts and names in WAYMARK_TEST_BROKERS.
 pub fn brokers() -> String {
+    if let Some(b) = OWN_BROKER.with(|b| b.borrow().as_ref().map(|o| o.broker.address())) {
+        return b;
+    }
     std::env::var("WAYMARK_TEST_BROKERS").expect(
         "WAYMARK_TEST_BROKERS is not set: these tests need a Kafka-protocol broker; run them with `make test`",
     )
+}
+
+/// A broker of one test's own, with its storage directory (dropped after the broker).
+struct OwnBroker {
+    broker: PrivateBroker,
+    _dir: tempfile::TempDir,
+}
+
+thread_local! {
+    static OWN_BROKER: std::cell::RefCell<Option<OwnBroker>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts a tansu broker (fresh sqlite storage) for the calling test: from now on [`brokers`]
+/// names it on this test's thread, and it stops when the test ends. A shared broker's storage
+/// grows with every test, and tansu slows down with it (metadata requests that took over 10 s,
+/// groups that never assigned, measured here); a test should not pay for the ones before it.
+pub fn own_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = PrivateBroker::start(dir.path());
+    OWN_BROKER.with(|b| *b.borrow_mut() = Some(OwnBroker { broker, _dir: dir }));
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -137,7 +160,7 @@ impl Setup {
             .env("WAYMARK_TOPICS_CHANGELOG", &n.changelog)
             .env("WAYMARK_KAFKA_PARTITIONS", self.partitions.to_string())
             .env("WAYMARK_KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("WAYMARK_LOG", "info")
+            .env("WAYMARK_LOG", "info,waymark::kafka::runtime=debug")
             .env_remove("WAYMARK_TEST_BROKERS")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null())
