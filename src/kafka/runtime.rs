@@ -13,8 +13,8 @@
 //!
 //! Every `commit_interval_ms` (or `commit_max_records` inputs) the batch is made durable in this
 //! order (at_least_once): wait until the broker has acknowledged every output and changelog
-//! change, then send each partition's changelog marker and wait for it, commit the offsets to the
-//! group, and write each partition's state changes together with the input offsets they reach in
+//! change, then send each partition's changelog marker, commit the offsets to the group, wait for
+//! the markers, and write each partition's state changes together with the input offsets they reach in
 //! one RocksDB batch. A crash at any point replays from the offsets of the last marker (or of the
 //! local store): outputs may repeat, with the same deterministic ids, and none is lost.
 //!
@@ -933,9 +933,10 @@ impl Core {
     }
 
     /// Makes the batch durable. at_least_once: wait until the broker has acknowledged every
-    /// output and changelog change, then every changelog marker; commit the input offsets to the
-    /// group (a member that has been replaced learns it here and drops the batch), then write
-    /// each partition's state, offsets and changelog position in one local batch. exactly_once: commit outputs, changelog and
+    /// output and changelog change, then send the changelog markers; commit the input offsets to
+    /// the group (a member that has been replaced learns it here and drops the batch); wait for
+    /// the markers, then write each partition's state, offsets and changelog position in one
+    /// local batch. exactly_once: commit outputs, changelog and
     /// input offsets in one transaction, then write local state; an abortable error aborts,
     /// drops the batch and rewinds the consumer to the last committed offsets.
     fn commit_batch(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
@@ -961,13 +962,7 @@ impl Core {
         if let Some(Failpoint::CrashBeforeChangelog(n)) = self.failpoint {
             if self.commits + 1 == n {
                 // Outputs acknowledged; neither the changelog nor the local store has the batch.
-                self.producer
-                    .flush(Duration::from_secs(90))
-                    .map_err(|e| anyhow!("outputs not acknowledged by the broker: {e}"))?;
-                self.producer
-                    .context()
-                    .check()
-                    .map_err(|e| anyhow!("{e}"))?;
+                self.flush_and_check("outputs")?;
                 error!(
                     commit = n,
                     inputs = self.batch_inputs,
@@ -989,12 +984,10 @@ impl Core {
             // batch is acknowledged: the producer orders records per partition only, and a
             // marker acknowledged before an output on another partition would, after a crash,
             // restore past inputs whose outputs never arrived.
+            // The markers' acknowledgements are awaited after the group commit, whose round
+            // trip they share.
             self.flush_and_check("outputs")?;
-            let marked = self.send_changelog_markers();
-            if !marked.is_empty() {
-                self.flush_and_check("changelog markers")?;
-            }
-            marked
+            self.send_changelog_markers()
         };
         let acked = Instant::now();
         self.metrics
@@ -1002,13 +995,6 @@ impl Core {
             .with_label_values(&[if self.eos { "transaction" } else { "acks" }])
             .observe((acked - t0).as_secs_f64());
         self.commits += 1;
-        if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
-            error!(
-                commit = self.commits,
-                "failpoint crash_after_acks: aborting after the outputs were acknowledged, before state and offsets are written"
-            );
-            std::process::abort();
-        }
         if !self.eos && offsets_dirty {
             let offsets = self.offsets();
             match consumer.commit(&offsets, CommitMode::Sync) {
@@ -1030,6 +1016,16 @@ impl Core {
                 .commit_seconds
                 .with_label_values(&["group"])
                 .observe(acked.elapsed().as_secs_f64());
+        }
+        if !self.eos && !marked.is_empty() {
+            self.flush_and_check("changelog markers")?;
+        }
+        if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
+            error!(
+                commit = self.commits,
+                "failpoint crash_after_acks: aborting after the outputs and the changelog were acknowledged, before the local state write"
+            );
+            std::process::abort();
         }
         let t_state = Instant::now();
         let markers = std::mem::take(
@@ -1515,8 +1511,8 @@ fn instance_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
 /// Test failpoints, from `WAYMARK_FAILPOINT`: the process aborts at the N-th batch commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failpoint {
-    /// `crash_after_acks:N`: after outputs and changelog records are acknowledged, before the
-    /// group commit and the local state write.
+    /// `crash_after_acks:N`: after outputs and changelog records are acknowledged (and the group
+    /// commit), before the local state write.
     CrashAfterAcks(u64),
     /// `crash_before_changelog:N`: after the outputs are acknowledged, before any of the batch's
     /// changelog records is sent.
