@@ -26,8 +26,18 @@ use serde_json::{json, Value};
 use waymark::kafka::owner_of;
 
 const PARTITIONS: i32 = 6;
+
+/// The members' session timeout: 6 s in the short form; 30 s in the full form, where tansu, busy
+/// writing 200k events and their outputs to sqlite, answers heartbeats later than 6 s and a
+/// group with a short session loses its partitions over and over (measured here).
+fn session() -> Duration {
+    secs(scale(6, 30))
+}
+
 /// An incomplete partition with no output for this long is stalled: the members are restarted.
-const STALL: Duration = Duration::from_secs(30);
+fn stall() -> Duration {
+    session() + secs(30)
+}
 const HOUR: i64 = 3_600_000;
 
 fn full() -> bool {
@@ -415,7 +425,7 @@ impl<'a> Cluster<'a> {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        std::thread::sleep(secs(8));
+        std::thread::sleep(session() + secs(2));
         self.stall_restarts += 1;
         for tag in &tags {
             self.spawn(tag);
@@ -448,7 +458,7 @@ impl<'a> Cluster<'a> {
                 v.pump(secs(4));
                 return;
             }
-            if let Some(p) = v.stalled(STALL) {
+            if let Some(p) = v.stalled(stall()) {
                 eprintln!(
                     "chaos: partition {p} stalled ({} records missing); restarting a member",
                     v.left[p as usize]
@@ -535,7 +545,10 @@ fn setup(test: &str, dir: &Path, journeys: &Path) -> (Setup, PrivateBroker) {
         journeys: journeys.to_path_buf(),
         state: dir.join("state"),
         partitions: PARTITIONS,
-        extra_env: Vec::new(),
+        extra_env: vec![(
+            "WAYMARK_KAFKA_SESSION_TIMEOUT_MS".into(),
+            session().as_millis().to_string(),
+        )],
     };
     (s, broker)
 }
@@ -657,10 +670,9 @@ fn zombie_instance() {
     v.wait_for(0.25, secs(120));
     let zombie_owned = c.get("b").metric_sum("waymark_partitions_assigned", "");
     c.get("b").signal("STOP");
-    // Past the session timeout (6 s). tansu expires a silent member only when the group
-    // rebalances, so a new member joins: the group then drops b and gives its partitions to the
-    // others.
-    v.pump(secs(8));
+    // Past the session timeout. tansu expires a silent member only when the group rebalances,
+    // so a new member joins: the group then drops b and gives its partitions to the others.
+    v.pump(session() + secs(2));
     c.spawn("d");
     let deadline = Instant::now() + secs(90);
     let mut moved = false;
@@ -715,7 +727,10 @@ fn state_dir_deleted_while_down() {
     let mut c = Cluster::new(&s);
     c.start("a");
     c.start("b");
-    assert!(c.wait_assigned(secs(60)), "partitions not assigned");
+    assert!(
+        c.wait_assigned(session() * 2 + secs(30)),
+        "partitions not assigned"
+    );
     let mut v = Verifier::new(&s.names, &stream.expected);
     let producer = produce_paced(
         &s.names.brokers,
@@ -786,14 +801,7 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         s.extra_env
             .push(("WAYMARK_STATE_CHANGELOG".into(), "false".into()));
     }
-    // Full form: the broker answers heartbeats slowly while a 200k-event redo is written to it;
-    // a longer session keeps the single member from losing its partitions over and over.
-    let session_ms: u64 = scale(6_000, 30_000);
-    s.extra_env.push((
-        "WAYMARK_KAFKA_SESSION_TIMEOUT_MS".into(),
-        session_ms.to_string(),
-    ));
-    let expire = Duration::from_millis(session_ms + 3_000);
+    let expire = session() + secs(3);
     let mut c = Cluster::new(&s);
     // The whole stream is there before the first crashing start, so every run has work to crash
     // in; a first clean start and stop creates the topics.
@@ -888,7 +896,10 @@ fn timers_across_downtime(scenario: &str, move_to_fresh: bool) {
     let mut c = Cluster::new(&s);
     c.start("a");
     c.start("b");
-    assert!(c.wait_assigned(secs(60)), "partitions not assigned");
+    assert!(
+        c.wait_assigned(session() * 2 + secs(30)),
+        "partitions not assigned"
+    );
     // Users start, a third say Go a second later; the rest of the stream is noise no journey
     // reads. All within two seconds of event time from now.
     let (count, users) = scale((20_000usize, 2_000usize), (200_000, 20_000));
