@@ -14,9 +14,9 @@
 //! Every `commit_interval_ms` (or `commit_max_records` inputs) the batch is made durable in this
 //! order (at_least_once): wait until the broker has acknowledged every output and changelog
 //! change, then send each partition's changelog marker, commit the offsets to the group, wait for
-//! the markers, and write each partition's state changes together with the input offsets they reach in
-//! one RocksDB batch. A crash at any point replays from the offsets of the last marker (or of the
-//! local store): outputs may repeat, with the same deterministic ids, and none is lost.
+//! the markers, and write each partition's state changes together with the input offsets they
+//! reach in one RocksDB batch. A crash at any point replays from the offsets of the last marker
+//! (or of the local store): outputs may repeat, with the same deterministic ids, and none is lost.
 //!
 //! Timers: while a partition works through a backlog they fire by event time, before the first
 //! event at or past their due time; once it is caught up (no lag), every `timer_tick_ms` it fires
@@ -936,9 +936,9 @@ impl Core {
     /// output and changelog change, then send the changelog markers; commit the input offsets to
     /// the group (a member that has been replaced learns it here and drops the batch); wait for
     /// the markers, then write each partition's state, offsets and changelog position in one
-    /// local batch. exactly_once: commit outputs, changelog and
-    /// input offsets in one transaction, then write local state; an abortable error aborts,
-    /// drops the batch and rewinds the consumer to the last committed offsets.
+    /// local batch. exactly_once: commit outputs, changelog and input offsets in one transaction,
+    /// then write local state; an abortable error aborts, drops the batch and rewinds the consumer
+    /// to the last committed offsets.
     fn commit_batch(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
         let staged = self
             .parts
@@ -972,23 +972,19 @@ impl Core {
             }
         }
         self.send_changelog_changes();
-        let marked = if self.eos {
-            let marked = self.send_changelog_markers();
-            if !self.commit_transaction(consumer)? {
-                return Ok(()); // aborted and rewound
-            }
-            marked
-        } else {
-            // A marker makes its batch part of the partition's state for whoever restores it
-            // next, so it goes out only once every output, routed record and dead letter of the
-            // batch is acknowledged: the producer orders records per partition only, and a
-            // marker acknowledged before an output on another partition would, after a crash,
-            // restore past inputs whose outputs never arrived.
-            // The markers' acknowledgements are awaited after the group commit, whose round
-            // trip they share.
+        // at_least_once: a marker makes its batch part of the partition's state for whoever
+        // restores it next, so it goes out only once every output, routed record and dead letter
+        // of the batch is acknowledged (the producer orders records per partition only: a marker
+        // acknowledged before an output on another partition would, after a crash, restore past
+        // inputs whose outputs never arrived). Its acknowledgement is awaited after the group
+        // commit, whose round trip it shares.
+        if !self.eos {
             self.flush_and_check("outputs")?;
-            self.send_changelog_markers()
-        };
+        }
+        let marked = self.send_changelog_markers();
+        if self.eos && !self.commit_transaction(consumer)? {
+            return Ok(()); // aborted and rewound
+        }
         let acked = Instant::now();
         self.metrics
             .commit_seconds
