@@ -29,13 +29,15 @@ fn stores(dir: &Path) -> anyhow::Result<Vec<(Option<i32>, PathBuf)>> {
 }
 
 /// A user's sessions (every application, or one) as JSON: journey, step, identifier, context,
-/// converted goals and the pending timer.
+/// converted goals and the pending timer; and the user's history (past entries of journeys with
+/// re-entry rules, delivered actions counted by caps).
 pub fn user_sessions(
     state_dir: &Path,
     user: &str,
     application: Option<&str>,
 ) -> anyhow::Result<Value> {
     let mut sessions = Vec::new();
+    let mut histories = Vec::new();
     for (partition, dir) in stores(state_dir)? {
         let store = RocksStore::open_read_only(&dir)?;
         let state = State::new(store)?;
@@ -58,12 +60,49 @@ pub fn user_sessions(
             }
             true
         })?;
+        state.all_histories(&mut |app, u, h| {
+            if u == user && application.is_none_or(|a| a == app) {
+                histories.push(json!({
+                    "application": app,
+                    "journeys": h.journeys.iter().map(|j| json!({
+                        "journey_id": j.journey_id,
+                        "entries": j.entries,
+                        "last_entry": j.keys.iter().map(|k| json!({
+                            "session_key": k.key, "at": format_millis(k.last),
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                    "deliveries": h.deliveries.iter().map(|d| json!({
+                        "action": d.action, "at": format_millis(d.at),
+                    })).collect::<Vec<_>>(),
+                    "partition": partition,
+                }));
+            }
+            true
+        })?;
     }
-    Ok(json!({ "user_id": user, "sessions": sessions }))
+    Ok(json!({ "user_id": user, "sessions": sessions, "history": histories }))
 }
 
-/// The journeys of a set with their status and a content version.
+/// The journeys of a set with their status and a content version, then the application
+/// policies (entries with `policy_for`), by application.
 pub fn list_journeys(set: &JourneySet) -> Value {
+    let mut policies: Vec<_> = set.policies().values().collect();
+    policies.sort_by(|a, b| a.application.cmp(&b.application));
+    let policies = policies.into_iter().map(|p| {
+        json!({
+            "policy_for": p.application,
+            "timezone_attribute": p.timezone_attribute,
+            "default_timezone": p.default_timezone.name(),
+            "quiet_hours": p.quiet_hours.map(|q| json!({
+                "start": q.start.format("%H:%M").to_string(),
+                "end": q.end.format("%H:%M").to_string(),
+            })),
+            "frequency_caps": p.caps.iter().map(|c| json!({
+                "action": c.action, "max": c.max, "per": c.per.as_str(),
+            })).collect::<Vec<_>>(),
+            "file": p.file,
+        })
+    });
     let list: Vec<Value> = set
         .journeys
         .iter()
@@ -80,6 +119,7 @@ pub fn list_journeys(set: &JourneySet) -> Value {
                 "file": j.file,
             })
         })
+        .chain(policies)
         .collect();
     Value::Array(list)
 }

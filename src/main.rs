@@ -298,7 +298,14 @@ fn main() -> ExitCode {
         },
         Command::Validate { dir } => match load_dir(&dir) {
             Ok(set) => {
-                println!("ok: {} journey(s) in {}", set.len(), dir.display());
+                match set.policies().len() {
+                    0 => println!("ok: {} journey(s) in {}", set.len(), dir.display()),
+                    n => println!(
+                        "ok: {} journey(s) and {n} application policy(ies) in {}",
+                        set.len(),
+                        dir.display()
+                    ),
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

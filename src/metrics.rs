@@ -20,6 +20,10 @@ pub struct Metrics {
     pub conversions: IntCounterVec,
     pub exits: IntCounterVec,
     pub refused: IntCounterVec,
+    pub suppressed: IntCounterVec,
+    pub quiet_holds: IntCounterVec,
+    pub quiet_releases: IntCounterVec,
+    pub quiet_held: IntGaugeVec,
     pub dead_letters: IntCounterVec,
     pub routed: IntCounter,
     pub timers_fired: IntCounter,
@@ -74,6 +78,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(lag.clone())).expect("unique metric");
+        let quiet_held = IntGaugeVec::new(
+            Opts::new(
+                "waymark_quiet_hours_held",
+                "Sessions held by quiet hours now, changes seen by this instance since it started",
+            ),
+            &["journey"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(quiet_held.clone()))
+            .expect("unique metric");
         let active = IntGaugeVec::new(
             Opts::new(
                 "waymark_active_sessions",
@@ -183,6 +197,25 @@ impl Metrics {
                 "Matched triggers that did not start a session",
                 &["journey", "reason"],
             ),
+            suppressed: counter_vec(
+                &r,
+                "waymark_actions_suppressed_total",
+                "Action steps left without delivering their action, by reason (holdout, frequency_cap)",
+                &["journey", "reason"],
+            ),
+            quiet_holds: counter_vec(
+                &r,
+                "waymark_quiet_hours_holds_total",
+                "Sessions held at an action step by quiet hours",
+                &["journey"],
+            ),
+            quiet_releases: counter_vec(
+                &r,
+                "waymark_quiet_hours_releases_total",
+                "Sessions released from a quiet-hours hold",
+                &["journey"],
+            ),
+            quiet_held: quiet_held.clone(),
             dead_letters: counter_vec(
                 &r,
                 "waymark_dead_letters_total",

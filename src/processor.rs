@@ -25,6 +25,9 @@ pub struct Output {
     pub matched: Vec<String>,
     /// Timers fired, with their due times (for lateness).
     pub timers_fired: Vec<Millis>,
+    /// Journeys of sessions held by quiet hours, and of sessions released (one per event).
+    pub held: Vec<String>,
+    pub released: Vec<String>,
 }
 
 impl Output {
@@ -34,12 +37,16 @@ impl Output {
         self.refused.clear();
         self.matched.clear();
         self.timers_fired.clear();
+        self.held.clear();
+        self.released.clear();
     }
 
     fn take_effects(&mut self, fx: &mut Effects) {
         self.records.append(&mut fx.records);
         self.refused.append(&mut fx.refused);
         self.matched.append(&mut fx.matched);
+        self.held.append(&mut fx.held);
+        self.released.append(&mut fx.released);
     }
 }
 
@@ -99,7 +106,10 @@ impl<S: Store> Processor<S> {
         let set = if older.is_empty() {
             journeys
         } else {
-            Arc::new(JourneySet::with_versions(journeys.journeys.clone(), older))
+            Arc::new(
+                JourneySet::with_versions(journeys.journeys.clone(), older)
+                    .with_policies(journeys.policies().clone()),
+            )
         };
         Ok(Processor {
             engine: Engine::new(set),
@@ -134,7 +144,8 @@ impl<S: Store> Processor<S> {
             .filter(|j| !journeys.has_version(&j.id, &j.version))
             .cloned()
             .collect();
-        let set = JourneySet::with_versions(journeys.journeys.clone(), older);
+        let set = JourneySet::with_versions(journeys.journeys.clone(), older)
+            .with_policies(journeys.policies().clone());
         self.engine = Engine::new(Arc::new(set));
     }
 
@@ -238,8 +249,9 @@ impl<S: Store> Processor<S> {
 
     /// A user's sessions, taken from the state's cache (no copy) or read from the store.
     fn load(&mut self, application: &str, user: &str) -> Result<UserSessions, StoreError> {
-        Ok(UserSessions::new(
-            self.state.take_user_sessions(application, user)?,
+        Ok(UserSessions::load(
+            user,
+            self.state.take_user_state(application, user)?,
         ))
     }
 
@@ -270,7 +282,7 @@ impl<S: Store> Processor<S> {
             }
         });
         self.note_timer(earliest);
-        self.state.return_user_sessions(application, user, kept);
+        self.state.return_user_state(application, user, kept);
     }
 
     /// Applies one event: due timers first, then goals and waits of the user's sessions, then

@@ -35,6 +35,9 @@ pub struct EntryRecord {
     /// The step the session starts at.
     pub step: String,
     pub at: String,
+    /// `true` for a session of a held-out user (contract 5.4); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<bool>,
 }
 
 /// A move between steps (`step_advance`) or the end of a session (`journey_exit`).
@@ -59,6 +62,18 @@ pub struct MoveRecord {
     pub action: Option<String>,
     pub params: Option<Value>,
     pub at: String,
+    /// The wait branch taken (contract 5.3); absent for single-event waits and other moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The experiment variant taken (contract 5.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// Why an action was not delivered: `holdout` or `frequency_cap` (contract 5.4, 5.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<String>,
+    /// `true` for a session of a held-out user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +87,9 @@ pub struct ConversionRecord {
     pub event: String,
     pub event_id: String,
     pub at: String,
+    /// `true` for a session of a held-out user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<bool>,
 }
 
 impl Record {
@@ -138,6 +156,7 @@ mod tests {
             event: "E".into(),
             event_id: "e1".into(),
             at: "2026-11-28T10:00:00.000Z".into(),
+            holdout: None,
         });
         let text = r.to_json();
         assert!(

@@ -93,7 +93,7 @@ pub fn replay(
         b
     });
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut line = String::new();
+    let mut line: Vec<u8> = Vec::new();
     let mut line_no: u64 = 0;
     let mut stats = ReplayStats::default();
     let mut output = Output::default();
@@ -103,7 +103,7 @@ pub fn replay(
     loop {
         line.clear();
         let n = reader
-            .read_line(&mut line)
+            .read_until(b'\n', &mut line)
             .with_context(|| format!("reading {}", opts.events.display()))?;
         if n == 0 {
             break;
@@ -115,13 +115,22 @@ pub fn replay(
                 b.set_position(read_bytes);
             }
         }
-        let text = line.trim_end_matches(['\n', '\r']);
-        if text.trim().is_empty() {
+        let bytes = line.trim_ascii_end();
+        if bytes.trim_ascii().is_empty() {
             continue;
         }
         stats.lines += 1;
         let my_offset = offset;
         offset += 1;
+        // A line that is not UTF-8 is malformed like any other: reported and skipped.
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                stats.malformed += 1;
+                writeln!(err, "line {line_no}: not valid UTF-8 ({e})")?;
+                continue;
+            }
+        };
         let raw = match RawEvent::decode_str(text) {
             Ok(r) => r,
             Err(e) => {

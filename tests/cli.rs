@@ -21,7 +21,10 @@ fn waymark(args: &[&str]) -> (i32, String, String) {
 fn validate_accepts_the_shipped_journeys() {
     let (code, out, _) = waymark(&["validate", "config/journeys"]);
     assert_eq!(code, 0);
-    assert!(out.contains("ok: 8 journey(s)"), "{out}");
+    assert!(
+        out.contains("ok: 10 journey(s) and 1 application policy(ies)"),
+        "{out}"
+    );
 }
 
 #[test]

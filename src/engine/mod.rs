@@ -5,11 +5,13 @@
 //! clock, does no I/O and knows nothing of Kafka or RocksDB: the caller loads the sessions, calls
 //! the engine, and writes back what changed ([`UserSessions::changes`]).
 //!
-//! Order of evaluation for one event (contract section 2): goals of existing sessions, then waits
-//! of existing sessions, then entry. Entry is split in two so entries can cross partitions:
+//! Order of evaluation for one event (contract sections 2 and 5.2): goals of existing sessions,
+//! then exit criteria, then waits of existing sessions, then entry. Entry is split in two so entries can cross partitions:
 //! [`Engine::entry_intents`] decides who enters (stateless), [`Engine::apply_entry`] applies one
 //! decision to the target user's sessions.
 
+pub mod controls;
+mod moves;
 mod session;
 
 use std::sync::Arc;
@@ -17,13 +19,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use session::{Change, ChangeRef, Session, SessionRef, UserSessions};
+pub use session::{
+    Change, ChangeRef, Delivery, History, JourneyHistory, KeyEntry, Session, SessionRef,
+    UserSessions, UserState,
+};
 
 use crate::event::{id_text, Event};
 use crate::journey::condition::lookup;
-use crate::journey::{Journey, JourneySet, SessionMode, Status, StepIx, StepKind, Who};
-use crate::record::{ConversionRecord, EntryRecord, MoveRecord, Record};
+use crate::journey::{progress_bit, Journey, JourneySet, SessionMode, Status, StepKind, Who};
+use crate::record::{ConversionRecord, EntryRecord, Record};
 use crate::time::{format_millis, Millis};
+use moves::Leave;
 
 /// Why a matched trigger did not start a session (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,6 +49,10 @@ pub enum Refusal {
     ActiveSession,
     /// The journey is paused or archived.
     NotActive,
+    /// The entry key entered before and `entry.reentry` does not let it in again yet.
+    Reentry,
+    /// The user has entered `entry.max_entries` times.
+    MaxEntries,
 }
 
 impl Refusal {
@@ -55,6 +65,8 @@ impl Refusal {
             Refusal::MissingIdentifier => "missing_identifier",
             Refusal::ActiveSession => "active_session",
             Refusal::NotActive => "not_active",
+            Refusal::Reentry => "reentry",
+            Refusal::MaxEntries => "max_entries",
         }
     }
 }
@@ -79,8 +91,12 @@ pub struct EntryIntent {
 pub struct Effects {
     pub records: Vec<Record>,
     pub refused: Vec<(String, Refusal)>,
-    /// Journeys whose trigger, wait or goal matched the input.
+    /// Journeys whose trigger, wait, goal or exit criterion matched the input.
     pub matched: Vec<String>,
+    /// Journeys of sessions held at an action step by quiet hours (one per hold).
+    pub held: Vec<String>,
+    /// Journeys of sessions released from a quiet-hours hold (one per release).
+    pub released: Vec<String>,
 }
 
 impl Effects {
@@ -88,6 +104,8 @@ impl Effects {
         self.records.clear();
         self.refused.clear();
         self.matched.clear();
+        self.held.clear();
+        self.released.clear();
     }
 }
 
@@ -113,20 +131,26 @@ impl Engine {
         &self.journeys
     }
 
-    /// Goals, then waits, of the event user's existing sessions (`us` holds that user's sessions
-    /// in the event's application).
+    /// The journey version session `ix` runs on.
+    fn session_journey(&self, us: &UserSessions, ix: usize) -> Option<Arc<Journey>> {
+        let s = us.session(ix);
+        self.journeys.version(&s.journey_id, &s.version).cloned()
+    }
+
+    /// Goals, then exit criteria, then waits of the event user's existing sessions (`us` holds
+    /// that user's sessions in the event's application).
     pub fn apply_event(&self, ev: &Event, us: &mut UserSessions, fx: &mut Effects) {
         let existing = us.len();
+        let cause = Cause {
+            event: Some((&ev.name, &ev.event_id)),
+            at: ev.time,
+        };
         // Goals first.
         for ix in 0..existing {
             if !us.is_active(ix) {
                 continue;
             }
-            let Some(journey) = self
-                .journeys
-                .version(&us.session(ix).journey_id, &us.session(ix).version)
-                .cloned()
-            else {
+            let Some(journey) = self.session_journey(us, ix) else {
                 continue;
             };
             if journey.application != ev.application || !id_matches(&journey, us.session(ix), ev) {
@@ -137,7 +161,10 @@ impl Engine {
                 if goal.event != ev.name || s.converted.iter().any(|g| g == &goal.id) {
                     continue;
                 }
-                if goal.within.is_some_and(|w| ev.time - s.entered_at > w) {
+                if goal
+                    .within
+                    .is_some_and(|w| ev.time.saturating_sub(s.entered_at) > w)
+                {
                     continue;
                 }
                 if !goal.conditions.eval(&ev.attributes) {
@@ -156,28 +183,51 @@ impl Engine {
                     event: ev.name.clone(),
                     event_id: ev.event_id.clone(),
                     at: format_millis(ev.time),
+                    holdout: s.holdout.then_some(true),
                 }));
                 if goal.exit {
-                    let cause = Cause {
-                        event: Some((&ev.name, &ev.event_id)),
-                        at: ev.time,
-                    };
                     let from = s.step.clone();
-                    self.end(&journey, us, ix, &from, "goal", cause, None, fx);
+                    self.end(&journey, us, ix, &from, "goal", cause, Leave::default(), fx);
                     break;
                 }
             }
+        }
+        // Then exit criteria.
+        for ix in 0..existing {
+            if !us.is_active(ix) {
+                continue;
+            }
+            let Some(journey) = self.session_journey(us, ix) else {
+                continue;
+            };
+            if journey.application != ev.application
+                || !journey
+                    .exit_on
+                    .iter()
+                    .any(|t| t.matches(&ev.name, &ev.attributes))
+                || !id_matches(&journey, us.session(ix), ev)
+            {
+                continue;
+            }
+            fx.matched.push(journey.id.clone());
+            let from = us.session(ix).step.clone();
+            self.end(
+                &journey,
+                us,
+                ix,
+                &from,
+                "exit_event",
+                cause,
+                Leave::default(),
+                fx,
+            );
         }
         // Then waits.
         for ix in 0..existing {
             if !us.is_active(ix) {
                 continue;
             }
-            let Some(journey) = self
-                .journeys
-                .version(&us.session(ix).journey_id, &us.session(ix).version)
-                .cloned()
-            else {
+            let Some(journey) = self.session_journey(us, ix) else {
                 continue;
             };
             if journey.application != ev.application {
@@ -186,19 +236,21 @@ impl Engine {
             let Some(step_ix) = journey.step_ix(&us.session(ix).step) else {
                 continue;
             };
-            let StepKind::WaitForTrigger {
-                event,
-                conditions,
-                next,
-                ..
-            } = &journey.steps[step_ix].kind
-            else {
+            let StepKind::WaitForTrigger { branches, .. } = &journey.steps[step_ix].kind else {
                 continue;
             };
-            if event != &ev.name
-                || !id_matches(&journey, us.session(ix), ev)
-                || !conditions.eval(&ev.attributes)
-            {
+            // Every branch records what the event satisfies; then the first complete one wins.
+            let mut progress = us.session(ix).progress;
+            let mut matched = false;
+            for (b, branch) in branches.iter().enumerate() {
+                for (e, t) in branch.events.iter().enumerate() {
+                    if t.matches(&ev.name, &ev.attributes) {
+                        progress |= progress_bit(b, e);
+                        matched = true;
+                    }
+                }
+            }
+            if !matched || !id_matches(&journey, us.session(ix), ev) {
                 continue;
             }
             fx.matched.push(journey.id.clone());
@@ -206,12 +258,31 @@ impl Engine {
             for (k, v) in &ev.attributes {
                 s.context.insert(k.clone(), v.clone());
             }
-            s.timer = None;
-            let cause = Cause {
-                event: Some((&ev.name, &ev.event_id)),
-                at: ev.time,
+            s.progress = progress;
+            let Some(branch) = branches
+                .iter()
+                .enumerate()
+                .find(|(b, branch)| branch.complete(*b, progress))
+                .map(|(_, branch)| branch)
+            else {
+                continue;
             };
-            self.go(&journey, us, ix, step_ix, *next, "trigger", cause, None, fx);
+            s.timer = None;
+            let leave = Leave {
+                branch: branch.id.as_deref(),
+                ..Leave::default()
+            };
+            self.go(
+                &journey,
+                us,
+                ix,
+                step_ix,
+                branch.next,
+                "trigger",
+                cause,
+                leave,
+                fx,
+            );
         }
     }
 
@@ -299,6 +370,20 @@ impl Engine {
                 .push((journey.id.clone(), Refusal::ActiveSession));
             return;
         }
+        let key = intent.session_key.as_deref();
+        if journey.entry.keeps_history() {
+            if let Some(r) = controls::reentry_refusal(&journey, us.history(), key, intent.time) {
+                fx.refused.push((journey.id.clone(), r));
+                return;
+            }
+            controls::record_entry(&journey, us.history_mut(), key, intent.time);
+        } else if us.history().journey(&journey.id).is_some() {
+            // The journey no longer has re-entry rules: its history can refuse nothing.
+            us.history_mut().forget_journey(&journey.id);
+        }
+        let holdout = journey
+            .holdout
+            .is_some_and(|h| controls::held_out(&journey.id, &intent.user_id, h));
         let session_id = session_id(
             &journey.application,
             &journey.id,
@@ -318,6 +403,7 @@ impl Engine {
             event_id: intent.event_id.clone(),
             step: start.id.clone(),
             at: format_millis(intent.time),
+            holdout: holdout.then_some(true),
         }));
         let ix = us.insert(Session {
             journey_id: journey.id.clone(),
@@ -331,6 +417,8 @@ impl Engine {
             context: intent.attributes.clone(),
             converted: Vec::new(),
             timer: None,
+            progress: 0,
+            holdout,
         });
         let cause = Cause {
             event: Some((&intent.event, &intent.event_id)),
@@ -339,8 +427,8 @@ impl Engine {
         self.arrive(&journey, us, ix, journey.start, cause, fx);
     }
 
-    /// Fires the timer due at `due` of session `ix`; a timer the session no longer waits for is
-    /// ignored. Returns whether it fired.
+    /// Fires the timer due at `due` of session `ix` (a wait's timeout, a delay, a quiet-hours
+    /// release); a timer the session no longer waits for is ignored. Returns whether it fired.
     pub fn fire_timer(
         &self,
         us: &mut UserSessions,
@@ -351,11 +439,7 @@ impl Engine {
         if !us.is_active(ix) || us.session(ix).timer != Some(due) {
             return false;
         }
-        let Some(journey) = self
-            .journeys
-            .version(&us.session(ix).journey_id, &us.session(ix).version)
-            .cloned()
-        else {
+        let Some(journey) = self.session_journey(us, ix) else {
             return false;
         };
         let Some(step_ix) = journey.step_ix(&us.session(ix).step) else {
@@ -366,6 +450,7 @@ impl Engine {
             event: None,
             at: due,
         };
+        let leave = Leave::default();
         match &journey.steps[step_ix].kind {
             StepKind::WaitForTrigger { on_timeout, .. } => match on_timeout {
                 Some(to) => self.go(
@@ -376,16 +461,20 @@ impl Engine {
                     Some(*to),
                     "timeout",
                     cause,
-                    None,
+                    leave,
                     fx,
                 ),
                 None => {
                     let from = journey.steps[step_ix].id.clone();
-                    self.end(&journey, us, ix, &from, "timeout", cause, None, fx)
+                    self.end(&journey, us, ix, &from, "timeout", cause, leave, fx)
                 }
             },
             StepKind::Delay { next, .. } => {
-                self.go(&journey, us, ix, step_ix, *next, "delay", cause, None, fx)
+                self.go(&journey, us, ix, step_ix, *next, "delay", cause, leave, fx)
+            }
+            StepKind::Action { .. } => {
+                fx.released.push(journey.id.clone());
+                self.leave_action(&journey, us, ix, step_ix, cause, fx)
             }
             _ => {}
         }
@@ -397,133 +486,21 @@ impl Engine {
         if !us.is_active(ix) {
             return;
         }
-        let s = us.session(ix);
-        let Some(journey) = self.journeys.version(&s.journey_id, &s.version).cloned() else {
+        let Some(journey) = self.session_journey(us, ix) else {
             return;
         };
-        let step = s.step.clone();
+        let step = us.session(ix).step.clone();
         let cause = Cause { event: None, at };
-        self.end(&journey, us, ix, &step, "archived", cause, None, fx);
-    }
-
-    /// Moves session `ix` from `from` to `to` (or ends it when `to` is `None`).
-    #[allow(clippy::too_many_arguments)]
-    fn go(
-        &self,
-        journey: &Journey,
-        us: &mut UserSessions,
-        ix: usize,
-        from: StepIx,
-        to: Option<StepIx>,
-        reason: &str,
-        cause: Cause,
-        action: Option<(&str, &Value)>,
-        fx: &mut Effects,
-    ) {
-        let from_id = journey.steps[from].id.clone();
-        let Some(to) = to else {
-            self.end(journey, us, ix, &from_id, "completed", cause, action, fx);
-            return;
-        };
-        let s = us.session_mut(ix);
-        s.step = journey.steps[to].id.clone();
-        fx.records.push(Record::StepAdvance(MoveRecord {
-            journey_id: journey.id.clone(),
-            application: journey.application.clone(),
-            user_id: s.user_id.clone(),
-            session_id: s.session_id.clone(),
-            session_key: s.key.clone(),
-            from: from_id,
-            to: Some(s.step.clone()),
-            step: None,
-            reason: reason.to_string(),
-            event: cause.event.map(|e| e.0.to_string()),
-            event_id: cause.event.map(|e| e.1.to_string()),
-            action: action.map(|a| a.0.to_string()),
-            params: action.map(|a| a.1.clone()),
-            at: format_millis(cause.at),
-        }));
-        self.arrive(journey, us, ix, to, cause, fx);
-    }
-
-    /// What happens on arriving at a step: waits arm their timer, instant steps move on.
-    fn arrive(
-        &self,
-        journey: &Journey,
-        us: &mut UserSessions,
-        ix: usize,
-        step: StepIx,
-        cause: Cause,
-        fx: &mut Effects,
-    ) {
-        match &journey.steps[step].kind {
-            StepKind::WaitForTrigger { timeout, .. } => {
-                us.session_mut(ix).timer = timeout.map(|t| cause.at.saturating_add(t));
-            }
-            StepKind::Delay { duration, .. } => {
-                us.session_mut(ix).timer = Some(cause.at.saturating_add(*duration));
-            }
-            StepKind::Action {
-                action,
-                params,
-                next,
-            } => self.go(
-                journey,
-                us,
-                ix,
-                step,
-                *next,
-                "action",
-                cause,
-                Some((action, params)),
-                fx,
-            ),
-            StepKind::Split { branches, default } => {
-                let ctx = &us.session(ix).context;
-                let to = branches
-                    .iter()
-                    .find(|(c, _)| c.eval(ctx))
-                    .map(|b| b.1)
-                    .or(*default);
-                self.go(journey, us, ix, step, to, "split", cause, None, fx)
-            }
-            StepKind::Exit => {
-                let from = journey.steps[step].id.clone();
-                self.end(journey, us, ix, &from, "completed", cause, None, fx)
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn end(
-        &self,
-        journey: &Journey,
-        us: &mut UserSessions,
-        ix: usize,
-        at_step: &str,
-        reason: &str,
-        cause: Cause,
-        action: Option<(&str, &Value)>,
-        fx: &mut Effects,
-    ) {
-        let s = us.session(ix);
-        fx.records.push(Record::JourneyExit(MoveRecord {
-            journey_id: journey.id.clone(),
-            application: journey.application.clone(),
-            user_id: s.user_id.clone(),
-            session_id: s.session_id.clone(),
-            session_key: s.key.clone(),
-            from: at_step.to_string(),
-            to: None,
-            step: Some(at_step.to_string()),
-            reason: reason.to_string(),
-            event: cause.event.map(|e| e.0.to_string()),
-            event_id: cause.event.map(|e| e.1.to_string()),
-            action: action.map(|a| a.0.to_string()),
-            params: action.map(|a| a.1.clone()),
-            at: format_millis(cause.at),
-        }));
-        us.remove(ix);
+        self.end(
+            &journey,
+            us,
+            ix,
+            &step,
+            "archived",
+            cause,
+            Leave::default(),
+            fx,
+        );
     }
 }
 
@@ -554,9 +531,10 @@ pub fn targets(v: Option<&Value>) -> Result<Vec<String>, BadTargets> {
         Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
         Some(Value::Array(items)) => {
             let mut out: Vec<String> = Vec::with_capacity(items.len());
+            let mut seen = std::collections::HashSet::with_capacity(items.len());
             for item in items {
                 let id = id_text(item).ok_or(BadTargets)?;
-                if !out.contains(&id) {
+                if seen.insert(id.clone()) {
                     out.push(id);
                 }
             }

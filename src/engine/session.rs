@@ -25,9 +25,125 @@ pub struct Session {
     /// Goals already converted.
     #[serde(default)]
     pub converted: Vec<String>,
-    /// When the step's timer (wait timeout or delay) is due.
+    /// When the step's timer (wait timeout, delay, or a quiet-hours release) is due.
     #[serde(default)]
     pub timer: Option<Millis>,
+    /// Branched waits: which branch events have matched at this step (see
+    /// [`crate::journey::progress_bit`]); forgotten when the session leaves the step.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub progress: u32,
+    /// The user is in the journey's holdout: every record of the session says so.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub holdout: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What a user's state holds besides sessions, per application (contract 5.1 and 5.5): past
+/// entries of journeys with re-entry rules, and delivered actions that frequency caps count.
+/// Pruned as soon as an item can no longer change a decision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// By journey id, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journeys: Vec<JourneyHistory>,
+    /// Delivered actions of capped names, in processing order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<Delivery>,
+}
+
+impl History {
+    pub fn is_empty(&self) -> bool {
+        self.journeys.is_empty() && self.deliveries.is_empty()
+    }
+
+    pub fn journey(&self, id: &str) -> Option<&JourneyHistory> {
+        self.journeys
+            .binary_search_by(|j| j.journey_id.as_str().cmp(id))
+            .ok()
+            .map(|i| &self.journeys[i])
+    }
+
+    /// The journey's history, created empty if need be.
+    pub fn journey_mut(&mut self, id: &str) -> &mut JourneyHistory {
+        let i = match self
+            .journeys
+            .binary_search_by(|j| j.journey_id.as_str().cmp(id))
+        {
+            Ok(i) => i,
+            Err(i) => {
+                self.journeys.insert(
+                    i,
+                    JourneyHistory {
+                        journey_id: id.to_string(),
+                        entries: 0,
+                        keys: Vec::new(),
+                    },
+                );
+                i
+            }
+        };
+        &mut self.journeys[i]
+    }
+
+    pub fn forget_journey(&mut self, id: &str) -> bool {
+        match self
+            .journeys
+            .binary_search_by(|j| j.journey_id.as_str().cmp(id))
+        {
+            Ok(i) => {
+                self.journeys.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// One journey's entries by a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JourneyHistory {
+    pub journey_id: String,
+    /// Entries in all (for `max_entries`).
+    pub entries: u64,
+    /// The last entry time per entry key (`None`: the user, in `single` mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyEntry>,
+}
+
+impl JourneyHistory {
+    pub fn last_entry(&self, key: Option<&str>) -> Option<Millis> {
+        self.keys
+            .iter()
+            .find(|k| k.key.as_deref() == key)
+            .map(|k| k.last)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    pub key: Option<String>,
+    pub last: Millis,
+}
+
+/// A delivered action, counted by frequency caps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub action: String,
+    pub at: Millis,
+}
+
+/// A user's state in one application: sessions and history.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserState {
+    pub sessions: Vec<Session>,
+    pub history: History,
 }
 
 /// What identifies a session in the store: (journey, session key) under a user.
@@ -78,6 +194,8 @@ pub enum Change {
         session: Session,
         old_timer: Option<Millis>,
     },
+    /// Write the user's history (delete it when empty).
+    History { user_id: String, history: History },
 }
 
 /// A store change, borrowed from the sessions it describes (see [`UserSessions::finish`]).
@@ -90,6 +208,11 @@ pub enum ChangeRef<'a> {
     Delete {
         session: &'a Session,
         old_timer: Option<Millis>,
+    },
+    /// The user's history, for the user's key prefix (deleted when empty).
+    History {
+        user_id: &'a str,
+        history: &'a History,
     },
 }
 
@@ -104,6 +227,7 @@ impl<'a> From<&'a Change> for ChangeRef<'a> {
                 session,
                 old_timer: *old_timer,
             },
+            Change::History { user_id, history } => ChangeRef::History { user_id, history },
         }
     }
 }
@@ -116,9 +240,31 @@ impl<'a> From<&'a Change> for ChangeRef<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct UserSessions {
     slots: Vec<Slot>,
+    /// The user whose state this is (for history changes); empty when unknown.
+    user_id: String,
+    history: History,
+    history_dirty: bool,
 }
 
 impl UserSessions {
+    /// A user's state as loaded: sessions and history.
+    pub fn load(user_id: &str, state: UserState) -> UserSessions {
+        let mut us = UserSessions::new(state.sessions);
+        us.user_id = user_id.to_string();
+        us.history = state.history;
+        us
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The history, marked changed.
+    pub fn history_mut(&mut self) -> &mut History {
+        self.history_dirty = true;
+        &mut self.history
+    }
+
     pub fn new(mut sessions: Vec<Session>) -> UserSessions {
         sessions.sort_by(|a, b| {
             (&a.journey_id, a.entered_at, &a.key).cmp(&(&b.journey_id, b.entered_at, &b.key))
@@ -133,6 +279,7 @@ impl UserSessions {
                     state: SlotState::Clean,
                 })
                 .collect(),
+            ..UserSessions::default()
         }
     }
 
@@ -196,7 +343,13 @@ impl UserSessions {
 
     /// Hands every store change to `stage` without copying a session, and returns the active
     /// sessions.
-    pub fn finish(self, mut stage: impl FnMut(ChangeRef<'_>)) -> Vec<Session> {
+    pub fn finish(self, mut stage: impl FnMut(ChangeRef<'_>)) -> UserState {
+        if self.history_dirty {
+            stage(ChangeRef::History {
+                user_id: &self.user_id,
+                history: &self.history,
+            });
+        }
         let mut kept = Vec::with_capacity(self.slots.len());
         for slot in self.slots {
             match slot.state {
@@ -218,7 +371,10 @@ impl UserSessions {
                 }
             }
         }
-        kept
+        UserState {
+            sessions: kept,
+            history: self.history,
+        }
     }
 
     /// The active sessions, consuming the view; call after [`UserSessions::changes`].
@@ -233,6 +389,12 @@ impl UserSessions {
     /// The store changes since loading (or since the last call), and marks everything clean.
     pub fn changes(&mut self) -> Vec<Change> {
         let mut out = Vec::new();
+        if std::mem::take(&mut self.history_dirty) {
+            out.push(Change::History {
+                user_id: self.user_id.clone(),
+                history: self.history.clone(),
+            });
+        }
         let mut kept = Vec::with_capacity(self.slots.len());
         for mut slot in self.slots.drain(..) {
             match slot.state {

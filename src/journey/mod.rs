@@ -3,6 +3,8 @@
 //! reason.
 
 pub mod condition;
+mod controls;
+pub mod policy;
 mod validate;
 pub mod window;
 
@@ -11,9 +13,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
 pub use condition::{Condition, Conditions, Op, Scalar};
+pub use policy::{Cap, Period, Policy, QuietHours};
 pub use validate::compile_journey;
 pub use window::Window;
 
@@ -134,6 +138,81 @@ pub struct Entry {
     /// `None`: any time.
     pub window: Option<Window>,
     pub sessions: SessionMode,
+    /// When an entry key may enter again (contract 5.1).
+    pub reentry: Reentry,
+    /// At most this many entries per user, all identifiers together.
+    pub max_entries: Option<u64>,
+}
+
+impl Entry {
+    /// Whether entries of this journey are remembered after their session ends.
+    pub fn keeps_history(&self) -> bool {
+        self.reentry != Reentry::Always || self.max_entries.is_some()
+    }
+}
+
+/// `entry.reentry`: when an entry key (the user, or user + identifier) may enter again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reentry {
+    /// Only the session rules decide.
+    Always,
+    /// At most once, ever.
+    Never,
+    /// Again at or after the last entry + this long.
+    After(Millis),
+}
+
+/// An event name with conditions on its attributes (an `exit_on` entry, a branch's event).
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub event: String,
+    pub conditions: Conditions,
+}
+
+impl Trigger {
+    pub fn matches(&self, name: &str, attributes: &Map<String, Value>) -> bool {
+        self.event == name && self.conditions.eval(attributes)
+    }
+}
+
+/// One way out of a wait step (contract 5.3). A single-event wait is one branch with `any`.
+#[derive(Debug, Clone)]
+pub struct WaitBranch {
+    /// `None` for the single-event form of section 2 (its records carry no `branch`).
+    pub id: Option<String>,
+    /// 1 to 4 triggers; progress is one bit per trigger.
+    pub events: Vec<Trigger>,
+    /// `match: "all"`: every trigger matched at least once while the session waits here.
+    pub all: bool,
+    pub next: Option<StepIx>,
+}
+
+/// Progress bits of branch `b`, trigger `e` in a session's `progress`.
+pub fn progress_bit(b: usize, e: usize) -> u32 {
+    1 << (b * 4 + e)
+}
+
+impl WaitBranch {
+    /// Whether the branch `b` is complete with these progress bits.
+    pub fn complete(&self, b: usize, progress: u32) -> bool {
+        let mut bits = 0;
+        for e in 0..self.events.len() {
+            bits |= progress_bit(b, e);
+        }
+        if self.all {
+            progress & bits == bits
+        } else {
+            progress & bits != 0
+        }
+    }
+}
+
+/// One variant of an experiment step.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub id: String,
+    pub weight: u64,
+    pub next: Option<StepIx>,
 }
 
 /// A step index inside its journey.
@@ -142,10 +221,8 @@ pub type StepIx = usize;
 #[derive(Debug, Clone)]
 pub enum StepKind {
     WaitForTrigger {
-        event: String,
-        conditions: Conditions,
+        branches: Vec<WaitBranch>,
         timeout: Option<Millis>,
-        next: Option<StepIx>,
         on_timeout: Option<StepIx>,
     },
     Delay {
@@ -156,6 +233,14 @@ pub enum StepKind {
         action: String,
         params: Value,
         next: Option<StepIx>,
+        ignore_quiet_hours: bool,
+        ignore_caps: bool,
+    },
+    /// Sends each user down one variant, by a hash of (journey, step, user) (contract 5.4).
+    Experiment {
+        variants: Vec<Variant>,
+        /// The sum of the weights (positive).
+        total: u64,
     },
     Split {
         branches: Vec<(Conditions, StepIx)>,
@@ -190,6 +275,15 @@ pub struct Journey {
     pub start: StepIx,
     pub steps: Vec<Step>,
     pub goals: Vec<Goal>,
+    /// Events that end the user's sessions at once (contract 5.2).
+    pub exit_on: Vec<Trigger>,
+    /// Share of users held out, in hundredths of a percent (0 to 10000).
+    pub holdout: Option<u32>,
+    /// The journey's own quiet hours: `None` takes the application policy's, `Some(None)` has none.
+    pub quiet_hours: Option<Option<QuietHours>>,
+    /// The journey's own `timezone_attribute` and `default_timezone`, over the policy's.
+    pub timezone_attribute: Option<String>,
+    pub default_timezone: Option<Tz>,
     /// The definition as written, for versioning and inspection.
     pub source: Value,
     /// A hash of the definition: a changed journey is a new version.
@@ -203,13 +297,22 @@ impl Journey {
         self.steps.iter().position(|s| s.id == id)
     }
 
-    /// Whether any wait step or goal listens to `event`.
+    /// Whether any wait step, goal or exit criterion listens to `event`.
     pub fn listens_to(&self, event: &str) -> bool {
-        self.goals.iter().any(|g| g.event == event)
-            || self
-                .steps
-                .iter()
-                .any(|s| matches!(&s.kind, StepKind::WaitForTrigger { event: e, .. } if e == event))
+        self.listened().any(|e| e == event)
+    }
+
+    /// Every event name a session of this journey reacts to (goals, exit criteria, waits).
+    pub fn listened(&self) -> impl Iterator<Item = &str> {
+        let waits = self.steps.iter().flat_map(|s| match &s.kind {
+            StepKind::WaitForTrigger { branches, .. } => branches.as_slice(),
+            _ => &[],
+        });
+        self.goals
+            .iter()
+            .map(|g| g.event.as_str())
+            .chain(self.exit_on.iter().map(|t| t.event.as_str()))
+            .chain(waits.flat_map(|b| b.events.iter().map(|t| t.event.as_str())))
     }
 }
 
@@ -231,6 +334,8 @@ pub struct JourneySet {
     /// Every version sessions may be on: the current ones and older ones still in use.
     versions: HashMap<String, HashMap<String, Arc<Journey>>>,
     interest: HashMap<String, HashMap<String, Interest>>,
+    /// Application policies (contract 5.5), by application.
+    policies: HashMap<String, Arc<Policy>>,
 }
 
 impl JourneySet {
@@ -259,13 +364,7 @@ impl JourneySet {
         }
         for j in versions.values().flat_map(|v| v.values()) {
             let app = interest.entry(j.application.clone()).or_default();
-            let mut listened: Vec<&str> = j.goals.iter().map(|g| g.event.as_str()).collect();
-            for s in &j.steps {
-                if let StepKind::WaitForTrigger { event, .. } = &s.kind {
-                    listened.push(event);
-                }
-            }
-            for e in listened {
+            for e in j.listened() {
                 app.entry(e.to_string()).or_default().sessions = true;
             }
         }
@@ -273,7 +372,24 @@ impl JourneySet {
             journeys,
             versions,
             interest,
+            policies: HashMap::new(),
         }
+    }
+
+    /// The same set with these application policies.
+    pub fn with_policies(mut self, policies: HashMap<String, Arc<Policy>>) -> JourneySet {
+        self.policies = policies;
+        self
+    }
+
+    /// The policy of `application`, if it has one.
+    pub fn policy(&self, application: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(application)
+    }
+
+    /// Every policy, by application.
+    pub fn policies(&self) -> &HashMap<String, Arc<Policy>> {
+        &self.policies
     }
 
     /// The version `version` of journey `id`, or the current one when that version is unknown.
@@ -336,6 +452,7 @@ pub fn load_dir(dir: &Path) -> Result<JourneySet, InvalidJourneys> {
     };
     files.sort();
     let mut journeys: Vec<Journey> = Vec::new();
+    let mut policies: HashMap<String, Arc<Policy>> = HashMap::new();
     for f in &files {
         let name = f.display().to_string();
         let text = match std::fs::read_to_string(f) {
@@ -349,8 +466,8 @@ pub fn load_dir(dir: &Path) -> Result<JourneySet, InvalidJourneys> {
                 continue;
             }
         };
-        match parse_journey(&name, &text) {
-            Ok(j) => {
+        match parse_definition(&name, &text) {
+            Ok(Definition::Journey(j)) => {
                 if let Some(other) = journeys.iter().find(|o| o.id == j.id) {
                     problems.push(Problem {
                         file: name,
@@ -358,27 +475,60 @@ pub fn load_dir(dir: &Path) -> Result<JourneySet, InvalidJourneys> {
                         message: format!("duplicate journey id {:?}, also in {}", j.id, other.file),
                     });
                 } else {
-                    journeys.push(j);
+                    journeys.push(*j);
+                }
+            }
+            Ok(Definition::Policy(pol)) => {
+                if let Some(other) = policies.get(&pol.application) {
+                    problems.push(Problem {
+                        file: name,
+                        path: "$.policy_for".into(),
+                        message: format!(
+                            "a second policy for application {:?}, also in {}: one policy per application",
+                            pol.application, other.file
+                        ),
+                    });
+                } else {
+                    policies.insert(pol.application.clone(), Arc::new(pol));
                 }
             }
             Err(mut ps) => problems.append(&mut ps),
         }
     }
     if problems.is_empty() {
-        Ok(JourneySet::new(journeys))
+        Ok(JourneySet::new(journeys).with_policies(policies))
     } else {
         Err(InvalidJourneys(problems))
     }
 }
 
-/// Parses and validates one definition file's text.
-pub fn parse_journey(file: &str, text: &str) -> Result<Journey, Vec<Problem>> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
+/// One file of the journeys directory: a journey, or an application policy (`policy_for`).
+pub enum Definition {
+    Journey(Box<Journey>),
+    Policy(Policy),
+}
+
+/// Parses and validates one file's text, a journey or a policy.
+pub fn parse_definition(file: &str, text: &str) -> Result<Definition, Vec<Problem>> {
+    let value = parse_json(file, text)?;
+    if value.get("policy_for").is_some() && value.get("id").is_none() {
+        policy::compile_policy(file, &value).map(Definition::Policy)
+    } else {
+        compile_journey(file, &value).map(|j| Definition::Journey(Box::new(j)))
+    }
+}
+
+fn parse_json(file: &str, text: &str) -> Result<Value, Vec<Problem>> {
+    serde_json::from_str(text).map_err(|e| {
         vec![Problem {
             file: file.to_string(),
             path: "$".into(),
             message: format!("not valid JSON: {e}"),
         }]
-    })?;
-    compile_journey(file, &value)
+    })
+}
+
+/// Parses and validates one definition file's text.
+pub fn parse_journey(file: &str, text: &str) -> Result<Journey, Vec<Problem>> {
+    compile_journey(file, &parse_json(file, text)?)
 }

@@ -7,6 +7,10 @@ use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
 use super::condition::{compile_conditions, kind};
+use super::controls::{
+    action_flags, compile_exit_on, compile_experiment, compile_holdout, compile_max_entries,
+    compile_reentry, compile_wait, compile_zone_keys,
+};
 use super::{
     Entry, Goal, Journey, Problem, Problems, SessionMode, Status, Step, StepIx, StepKind, Who,
     Window,
@@ -23,6 +27,11 @@ const ROOT_KEYS: &[&str] = &[
     "start",
     "steps",
     "goals",
+    "exit_on",
+    "holdout",
+    "quiet_hours",
+    "timezone_attribute",
+    "default_timezone",
 ];
 const ENTRY_KEYS: &[&str] = &[
     "event",
@@ -31,6 +40,8 @@ const ENTRY_KEYS: &[&str] = &[
     "who",
     "availability",
     "sessions",
+    "reentry",
+    "max_entries",
 ];
 const GOAL_KEYS: &[&str] = &["id", "event", "conditions", "match", "within", "exit"];
 
@@ -78,6 +89,9 @@ pub fn compile_journey(file: &str, v: &Value) -> Result<Journey, Vec<Problem>> {
     };
     let (steps, start) = compile_steps(root, &mut p);
     let goals = compile_goals(root, &mut p);
+    let exit_on = compile_exit_on(root, &mut p);
+    let holdout = compile_holdout(root, &mut p);
+    let (quiet_hours, timezone_attribute, default_timezone) = compile_zone_keys(root, &mut p);
     if !p.is_empty() {
         return Err(p.list);
     }
@@ -90,6 +104,11 @@ pub fn compile_journey(file: &str, v: &Value) -> Result<Journey, Vec<Problem>> {
             start,
             steps,
             goals,
+            exit_on,
+            holdout,
+            quiet_hours,
+            timezone_attribute,
+            default_timezone,
             version: format!(
                 "{:016x}",
                 xxhash_rust::xxh3::xxh3_64(v.to_string().as_bytes())
@@ -104,7 +123,12 @@ pub fn compile_journey(file: &str, v: &Value) -> Result<Journey, Vec<Problem>> {
     }
 }
 
-fn req_str(obj: &Map<String, Value>, path: &str, key: &str, p: &mut Problems) -> Option<String> {
+pub(super) fn req_str(
+    obj: &Map<String, Value>,
+    path: &str,
+    key: &str,
+    p: &mut Problems,
+) -> Option<String> {
     match obj.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
         Some(other) => {
@@ -128,7 +152,7 @@ fn opt_str(obj: &Map<String, Value>, path: &str, key: &str, p: &mut Problems) ->
     }
 }
 
-fn opt_duration(
+pub(super) fn opt_duration(
     obj: &Map<String, Value>,
     path: &str,
     key: &str,
@@ -237,12 +261,16 @@ fn compile_entry(e: &Map<String, Value>, p: &mut Problems) -> Option<Entry> {
             SessionMode::Single
         }
     };
+    let reentry = compile_reentry(e, p);
+    let max_entries = compile_max_entries(e, p);
     Some(Entry {
         event: event?,
         conditions,
         who,
         window,
         sessions,
+        reentry,
+        max_entries,
     })
 }
 
@@ -382,7 +410,7 @@ fn compile_steps(root: &Map<String, Value>, p: &mut Problems) -> (Vec<Step>, Opt
     (steps, start)
 }
 
-fn step_ref(
+pub(super) fn step_ref(
     o: &Map<String, Value>,
     path: &str,
     key: &str,
@@ -428,41 +456,12 @@ fn compile_step(
             return StepKind::Exit;
         }
     };
+    if ty != "action" {
+        action_flags(o, path, false, p);
+    }
+    let o = &without_action_flags(o, ty);
     match ty {
-        "wait_for_trigger" => {
-            p.unknown_keys(
-                o,
-                path,
-                &[
-                    "id",
-                    "type",
-                    "event",
-                    "conditions",
-                    "match",
-                    "timeout",
-                    "next",
-                    "on_timeout",
-                ],
-            );
-            let event = req_str(o, path, "event", p).unwrap_or_default();
-            let conditions = compile_conditions(o, path, p);
-            let timeout = opt_duration(o, path, "timeout", p);
-            let next = step_ref(o, path, "next", ids, p);
-            let on_timeout = step_ref(o, path, "on_timeout", ids, p);
-            if on_timeout.is_some() && timeout.is_none() && !o.contains_key("timeout") {
-                p.add(
-                    format!("{path}.on_timeout"),
-                    "on_timeout needs a timeout: add \"timeout\" or remove \"on_timeout\"",
-                );
-            }
-            StepKind::WaitForTrigger {
-                event,
-                conditions,
-                timeout,
-                next,
-                on_timeout,
-            }
-        }
+        "wait_for_trigger" => compile_wait(o, path, ids, p),
         "delay" => {
             p.unknown_keys(o, path, &["id", "type", "duration", "next"]);
             let duration = opt_duration(o, path, "duration", p);
@@ -475,13 +474,28 @@ fn compile_step(
             }
         }
         "action" => {
-            p.unknown_keys(o, path, &["id", "type", "action", "params", "next"]);
+            p.unknown_keys(
+                o,
+                path,
+                &[
+                    "id",
+                    "type",
+                    "action",
+                    "params",
+                    "next",
+                    "ignore_quiet_hours",
+                    "ignore_caps",
+                ],
+            );
             let action = req_str(o, path, "action", p).unwrap_or_default();
             let params = o.get("params").cloned().unwrap_or(Value::Null);
+            let (ignore_quiet_hours, ignore_caps) = action_flags(o, path, true, p);
             StepKind::Action {
                 action,
                 params,
                 next: step_ref(o, path, "next", ids, p),
+                ignore_quiet_hours,
+                ignore_caps,
             }
         }
         "split" => {
@@ -519,6 +533,7 @@ fn compile_step(
                 default: step_ref(o, path, "default", ids, p),
             }
         }
+        "experiment" => compile_experiment(o, path, ids, p),
         "exit" => {
             p.unknown_keys(o, path, &["id", "type"]);
             StepKind::Exit
@@ -527,7 +542,7 @@ fn compile_step(
             p.add(
                 format!("{path}.type"),
                 format!(
-                    "unknown step type {other:?}; expected wait_for_trigger, delay, action, split or exit"
+                    "unknown step type {other:?}; expected wait_for_trigger, delay, action, split, experiment or exit"
                 ),
             );
             StepKind::Exit
@@ -535,12 +550,30 @@ fn compile_step(
     }
 }
 
+/// The step without the action-only flags, once they have been reported on a non-action step
+/// (so they are not reported again as unknown keys).
+fn without_action_flags(o: &Map<String, Value>, ty: &str) -> Map<String, Value> {
+    let mut o = o.clone();
+    if ty != "action" {
+        o.remove("ignore_quiet_hours");
+        o.remove("ignore_caps");
+    }
+    o
+}
+
 /// Successors of a step, in the order they are written.
 pub(crate) fn successors(kind: &StepKind) -> Vec<StepIx> {
     match kind {
         StepKind::WaitForTrigger {
-            next, on_timeout, ..
-        } => next.iter().chain(on_timeout.iter()).copied().collect(),
+            branches,
+            on_timeout,
+            ..
+        } => branches
+            .iter()
+            .filter_map(|b| b.next)
+            .chain(on_timeout.iter().copied())
+            .collect(),
+        StepKind::Experiment { variants, .. } => variants.iter().filter_map(|v| v.next).collect(),
         StepKind::Delay { next, .. } | StepKind::Action { next, .. } => {
             next.iter().copied().collect()
         }
@@ -554,7 +587,10 @@ pub(crate) fn successors(kind: &StepKind) -> Vec<StepIx> {
 }
 
 fn is_instant(kind: &StepKind) -> bool {
-    matches!(kind, StepKind::Action { .. } | StepKind::Split { .. })
+    matches!(
+        kind,
+        StepKind::Action { .. } | StepKind::Split { .. } | StepKind::Experiment { .. }
+    )
 }
 
 /// Unreachable steps and loops that never wait.

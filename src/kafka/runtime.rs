@@ -827,11 +827,18 @@ impl Core {
                         .inc();
                     *part.active.entry(journey.to_string()).or_default() += 1;
                 }
-                Record::StepAdvance(s) => self
-                    .metrics
-                    .steps
-                    .with_label_values(&[journey, &s.reason])
-                    .inc(),
+                Record::StepAdvance(s) => {
+                    self.metrics
+                        .steps
+                        .with_label_values(&[journey, &s.reason])
+                        .inc();
+                    if let Some(why) = &s.suppressed {
+                        self.metrics
+                            .suppressed
+                            .with_label_values(&[journey, why])
+                            .inc();
+                    }
+                }
                 Record::JourneyExit(s) => {
                     self.metrics
                         .exits
@@ -890,6 +897,17 @@ impl Core {
         }
         for journey in &out.matched {
             self.metrics.matched.with_label_values(&[journey]).inc();
+        }
+        for journey in &out.held {
+            self.metrics.quiet_holds.with_label_values(&[journey]).inc();
+            self.metrics.quiet_held.with_label_values(&[journey]).inc();
+        }
+        for journey in &out.released {
+            self.metrics
+                .quiet_releases
+                .with_label_values(&[journey])
+                .inc();
+            self.metrics.quiet_held.with_label_values(&[journey]).dec();
         }
         if !out.timers_fired.is_empty() {
             self.metrics

@@ -10,7 +10,7 @@ pub mod rocks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::engine::{Change, ChangeRef, Session};
+use crate::engine::{Change, ChangeRef, History, Session, UserState};
 use crate::time::Millis;
 
 /// The tables of a store.
@@ -193,6 +193,16 @@ pub fn session_key(application: &str, user: &str, journey: &str, key: Option<&st
     k
 }
 
+/// The key of a user's history (entries and deliveries): the user prefix and an empty journey
+/// id, which no session has (journey ids are non-empty).
+pub fn history_key(application: &str, user: &str) -> Vec<u8> {
+    session_key(application, user, "", None)
+}
+
+fn is_history_key(prefix_len: usize, k: &[u8]) -> bool {
+    k.len() == prefix_len + 5 && k[prefix_len..] == [0, 0, 0, 0, 0]
+}
+
 pub fn timer_key(
     due: Millis,
     application: &str,
@@ -234,7 +244,7 @@ pub struct State<S: Store> {
     staged_ops: usize,
     /// Decoded sessions by user prefix, kept in step with every staged change, so a busy user's
     /// sessions are read from the store once. Cleared whole when it outgrows its capacity.
-    cache: HashMap<Vec<u8>, Vec<Session>>,
+    cache: HashMap<Vec<u8>, UserState>,
     cache_capacity: usize,
     /// Pending timers by (due, application, user, journey, key): derived from the sessions (each
     /// holds its timer's due time), kept in memory and in step with every staged change.
@@ -386,13 +396,14 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    /// All sessions of (application, user): from the cache, or one prefix scan.
-    pub fn user_sessions(&mut self, application: &str, user: &str) -> Result<Vec<Session>> {
+    /// A user's state in `application` (sessions and history): from the cache, or one prefix
+    /// scan.
+    pub fn user_state(&mut self, application: &str, user: &str) -> Result<UserState> {
         let prefix = user_prefix(application, user);
         if let Some(hit) = self.cache.get(&prefix) {
             return Ok(hit.clone());
         }
-        let out = self.read_user_sessions(&prefix)?;
+        let out = self.read_user_state(&prefix)?;
         if self.cache_capacity > 0 {
             if self.cache.len() >= self.cache_capacity {
                 self.cache.clear();
@@ -402,30 +413,37 @@ impl<S: Store> State<S> {
         Ok(out)
     }
 
-    /// Like [`State::user_sessions`], but moves the cached list out instead of copying it; give
-    /// it back with [`State::return_user_sessions`] once its changes are staged.
-    pub fn take_user_sessions(&mut self, application: &str, user: &str) -> Result<Vec<Session>> {
+    /// All sessions of (application, user).
+    pub fn user_sessions(&mut self, application: &str, user: &str) -> Result<Vec<Session>> {
+        Ok(self.user_state(application, user)?.sessions)
+    }
+
+    /// Like [`State::user_state`], but moves the cached state out instead of copying it; give
+    /// it back with [`State::return_user_state`] once its changes are staged.
+    pub fn take_user_state(&mut self, application: &str, user: &str) -> Result<UserState> {
         let prefix = user_prefix(application, user);
         match self.cache.remove(&prefix) {
-            Some(list) => Ok(list),
-            None => self.read_user_sessions(&prefix),
+            Some(state) => Ok(state),
+            None => self.read_user_state(&prefix),
         }
     }
 
-    /// The sessions under a user prefix, staged writes merged over the store.
-    fn read_user_sessions(&self, prefix: &[u8]) -> Result<Vec<Session>> {
-        let mut out = Vec::new();
+    /// The sessions and history under a user prefix, staged writes merged over the store.
+    fn read_user_state(&self, prefix: &[u8]) -> Result<UserState> {
+        let mut out = UserState::default();
         let mut err = None;
         self.scan(Table::Sessions, prefix, Some(prefix), &mut |k, v| {
-            match serde_json::from_slice::<Session>(v) {
-                Ok(s) => out.push(s),
-                Err(e) => {
-                    err = Some(StoreError::Corrupt {
-                        key: String::from_utf8_lossy(k).into_owned(),
-                        reason: e.to_string(),
-                    });
-                    return false;
-                }
+            let decoded = if is_history_key(prefix.len(), k) {
+                serde_json::from_slice::<History>(v).map(|h| out.history = h)
+            } else {
+                serde_json::from_slice::<Session>(v).map(|s| out.sessions.push(s))
+            };
+            if let Err(e) = decoded {
+                err = Some(StoreError::Corrupt {
+                    key: String::from_utf8_lossy(k).into_owned(),
+                    reason: e.to_string(),
+                });
+                return false;
             }
             true
         })?;
@@ -435,21 +453,22 @@ impl<S: Store> State<S> {
         }
     }
 
-    /// Puts a user's sessions (as they are after the staged changes) back in the cache.
-    pub fn return_user_sessions(&mut self, application: &str, user: &str, sessions: Vec<Session>) {
+    /// Puts a user's state (as it is after the staged changes) back in the cache.
+    pub fn return_user_state(&mut self, application: &str, user: &str, state: UserState) {
         if self.cache_capacity == 0 {
             return;
         }
         if self.cache.len() >= self.cache_capacity {
             self.cache.clear();
         }
-        self.cache.insert(user_prefix(application, user), sessions);
+        self.cache.insert(user_prefix(application, user), state);
     }
 
     /// Keeps a cached user's sessions in step with a staged change.
     fn cache_apply(&mut self, application: &str, session: &Session, deleted: bool) {
         let prefix = user_prefix(application, &session.user_id);
-        if let Some(list) = self.cache.get_mut(&prefix) {
+        if let Some(state) = self.cache.get_mut(&prefix) {
+            let list = &mut state.sessions;
             let pos = list
                 .iter()
                 .position(|s| s.journey_id == session.journey_id && s.key == session.key);
@@ -467,10 +486,37 @@ impl<S: Store> State<S> {
     /// Every session, in key order, with its application (for inspection and gauges).
     pub fn all_sessions(&self, f: &mut dyn FnMut(&str, Session) -> bool) -> Result<()> {
         self.scan(Table::Sessions, &[], None, &mut |k, v| {
-            let mut r = Reader(&k[8..]);
+            let Some(rest) = k.get(8..) else {
+                return true;
+            };
+            let mut r = Reader(rest);
             let app = r.str().unwrap_or_default();
+            let _user = r.str();
+            if r.str().is_none_or(|journey| journey.is_empty()) {
+                return true; // a history record
+            }
             match serde_json::from_slice::<Session>(v) {
                 Ok(s) => f(&app, s),
+                Err(_) => true,
+            }
+        })
+    }
+
+    /// Every user's history (entries and deliveries), with application and user.
+    pub fn all_histories(&self, f: &mut dyn FnMut(&str, &str, History) -> bool) -> Result<()> {
+        self.scan(Table::Sessions, &[], None, &mut |k, v| {
+            let Some(rest) = k.get(8..) else {
+                return true;
+            };
+            let mut r = Reader(rest);
+            let (Some(app), Some(user)) = (r.str(), r.str()) else {
+                return true;
+            };
+            if r.str().is_none_or(|journey| !journey.is_empty()) {
+                return true;
+            }
+            match serde_json::from_slice::<History>(v) {
+                Ok(h) => f(&app, &user, h),
                 Err(_) => true,
             }
         })
@@ -562,6 +608,16 @@ impl<S: Store> State<S> {
                 let sk = session_key(application, user, journey, key);
                 self.stage_raw(Table::Sessions, sk, None);
                 self.cache_apply(application, session, true);
+                None
+            }
+            ChangeRef::History { user_id, history } => {
+                let k = history_key(application, user_id);
+                let value = (!history.is_empty())
+                    .then(|| serde_json::to_vec(history).expect("history always serialises"));
+                self.stage_raw(Table::Sessions, k, value);
+                if let Some(state) = self.cache.get_mut(&user_prefix(application, user_id)) {
+                    state.history = history.clone();
+                }
                 None
             }
         }
