@@ -177,17 +177,81 @@ fn inspect_prints_a_users_sessions_and_journeys_lists_the_set() {
     let (code, out, _) = waymark(&["journeys", "config/journeys"]);
     assert_eq!(code, 0);
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ids: Vec<&str> = list
+    let journeys: Vec<&serde_json::Value> = list
         .as_array()
         .unwrap()
         .iter()
-        .map(|j| j["id"].as_str().unwrap())
+        .filter(|j| j.get("policy_for").is_none())
         .collect();
-    assert_eq!(ids.len(), 8);
+    let ids: Vec<&str> = journeys.iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 10);
     assert!(ids.contains(&"order-journey"));
-    assert!(list
-        .as_array()
-        .unwrap()
+    assert!(journeys
         .iter()
         .all(|j| j["status"] == "active" && j["version"].as_str().unwrap().len() == 16));
+}
+
+#[test]
+fn validate_names_every_mistake_in_journey_controls_and_policies() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures-invalid/controls");
+    let (code, _, err) = waymark(&["validate", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    for needle in [
+        "a.json: $.entry.reentry: reentry must be",
+        "a.json: $.entry.max_entries: max_entries must be an integer >= 1",
+        "a.json: $.steps[0].event: a wait step has either",
+        "a.json: $.steps[0].branches[0].next: unknown step id \"nowhere\"",
+        "a.json: $.steps[0].branches[1].id: duplicate branch id \"b\"",
+        "a.json: $.steps[0].branches[1].match: match must be \"any\" or \"all\"",
+        "a.json: $.steps[0].branches[1].events: a branch lists 1 to 4 events, found 0",
+        "a.json: $.steps[1].variants[1].id: duplicate variant id \"v\"",
+        "a.json: $.steps[1].variants: the variants' weights sum to 0",
+        "a.json: $.steps[2].ignore_caps: ignore_caps applies to action steps only",
+        "a.json: $.exit_on[0]: missing field \"event\"",
+        "a.json: $.holdout.percent: percent must be a number from 0 to 100 with at most two decimals",
+        "a.json: $.quiet_hours.start: start must be a local time as HH:MM",
+        "p1.json: $.default_timezone: unknown IANA timezone \"Nowhere/City\"",
+        "p1.json: $.quiet_hours.end: quiet hours start and end are both 08:00",
+        "p1.json: $.frequency_caps[0].max: max must be an integer >= 0",
+        "p1.json: $.frequency_caps[0].per: per must be \"day\" or \"week\"",
+        "p3.json: $.policy_for: a second policy for application \"app\", also in",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn journeys_lists_policies_after_the_journeys() {
+    let (code, out, err) = waymark(&["journeys", "config/journeys"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last = v.as_array().unwrap().last().unwrap();
+    assert_eq!(last["policy_for"], "shop-demo");
+    assert_eq!(last["quiet_hours"]["start"], "21:00");
+    assert_eq!(last["frequency_caps"][0]["per"], "day");
+}
+
+#[test]
+fn replay_skips_a_line_that_is_not_utf8_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events.jsonl");
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"{\"application\":\"XXXXX-XXXXX\",\"event\":\"CheckoutSuccess\",\"userId\":1,\"timestamp\":\"2026-11-28T10:00:00Z\"}\n");
+    bytes.extend_from_slice(b"{\"application\":\"XXXXX-XXXXX\",\"event\":\"\xff\xfe\"}\n");
+    bytes.extend_from_slice(b"{\"application\":\"XXXXX-XXXXX\",\"event\":\"CheckoutSuccess\",\"userId\":2,\"timestamp\":\"2026-11-28T10:01:00Z\"}\n");
+    std::fs::write(&events, bytes).unwrap();
+    let (code, out, err) = waymark(&[
+        "replay",
+        "--journeys",
+        "config/journeys",
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("line 2: not valid UTF-8"), "{err}");
+    assert!(out.contains("\"user_id\":\"1\""), "{out}");
+    assert!(
+        out.contains("\"user_id\":\"2\""),
+        "the line after the bad one is processed: {out}"
+    );
 }
