@@ -38,6 +38,9 @@ echo "== output records (entries, steps, conversions), in event-time order"
   | sort -s -k1,2 | cut -f2-
 echo "== metrics (excerpt)"
 curl -s 127.0.0.1:9464/metrics | grep -E '^waymark_(entries_total|conversions_total|entries_refused_total)' || true
+echo "== journey controls (contract section 5): config/scenario/controls-events.jsonl through 'waymark replay'"
+echo "   re-entry, exit criteria, a branched wait, an experiment, quiet hours in the user's zone, a frequency cap"
+"$bin" replay --pretty --journeys config/journeys --events config/scenario/controls-events.jsonl --until 2026-12-05T00:00:00Z
 echo "== stopping waymark (SIGTERM)"
 kill -TERM $pid
 wait $pid && echo "waymark exited 0"

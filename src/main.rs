@@ -109,6 +109,9 @@ enum Command {
         /// Print a summary (lines, records, events/s) on stderr at the end.
         #[arg(long)]
         stats: bool,
+        /// Print one readable line per record instead of its JSON.
+        #[arg(long)]
+        pretty: bool,
     },
     /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
     Inspect {
@@ -319,6 +322,7 @@ fn main() -> ExitCode {
             until,
             state,
             stats,
+            pretty,
         } => {
             let set = match load_dir(&journeys) {
                 Ok(s) => Arc::new(s),
@@ -334,7 +338,15 @@ fn main() -> ExitCode {
                 progress: true,
             };
             let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            let buffered = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            let mut out: Box<dyn std::io::Write> = if pretty {
+                Box::new(PrettyLines {
+                    inner: buffered,
+                    line: Vec::new(),
+                })
+            } else {
+                Box::new(buffered)
+            };
             let mut err = std::io::stderr();
             match replay(set, &opts, &mut out, &mut err) {
                 Ok(s) => {
@@ -356,5 +368,30 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Writes each line of JSON it is given as [`waymark::kafka::tools::pretty`] prints it.
+struct PrettyLines<W: std::io::Write> {
+    inner: W,
+    line: Vec<u8>,
+}
+
+impl<W: std::io::Write> std::io::Write for PrettyLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&self.line).into_owned();
+                writeln!(self.inner, "{}", waymark::kafka::tools::pretty(&text))?;
+                self.line.clear();
+            } else {
+                self.line.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

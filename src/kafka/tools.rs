@@ -190,11 +190,24 @@ pub fn pretty(value: &str) -> String {
         return value.to_string();
     };
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
-    let key = v
+    let mut key = v
         .get("session_key")
         .and_then(|x| x.as_str())
         .map(|k| format!(" [{k}]"))
         .unwrap_or_default();
+    if v.get("holdout").and_then(|h| h.as_bool()) == Some(true) {
+        key.push_str(" (holdout)");
+    }
+    // Section 5 details of a move: branch, variant, suppressed action.
+    let mut detail = String::new();
+    for (field, label) in [("branch", "branch"), ("variant", "variant")] {
+        if let Some(x) = v.get(field).and_then(|x| x.as_str()) {
+            detail.push_str(&format!(" {label} {x}"));
+        }
+    }
+    if let Some(x) = v.get("suppressed").and_then(|x| x.as_str()) {
+        detail.push_str(&format!("  => action suppressed ({x})"));
+    }
     match v.get("type").and_then(|t| t.as_str()) {
         Some("journey_entry") => format!(
             "{}  ENTER    {:<24} user {}{key} at step {} (by {} from user {})",
@@ -212,7 +225,7 @@ pub fn pretty(value: &str) -> String {
                 .map(|a| format!("  => send {a} {}", v["params"]))
                 .unwrap_or_default();
             format!(
-                "{}  STEP     {:<24} user {}{key} {} -> {} ({}){action}",
+                "{}  STEP     {:<24} user {}{key} {} -> {} ({}){detail}{action}",
                 s("at"),
                 s("journey_id"),
                 s("user_id"),
@@ -222,7 +235,7 @@ pub fn pretty(value: &str) -> String {
             )
         }
         Some("journey_exit") => format!(
-            "{}  EXIT     {:<24} user {}{key} at {} ({})",
+            "{}  EXIT     {:<24} user {}{key} at {} ({}){detail}",
             s("at"),
             s("journey_id"),
             s("user_id"),
