@@ -2,7 +2,11 @@
 //! - single mode never holds two active sessions per user and journey;
 //! - each session's records are entry, steps, exit, in order, with non-decreasing times;
 //! - replay is deterministic;
-//! - a replay split in two over one state equals one run.
+//! - a replay split in two over one state equals one run;
+//! - with the journey controls of contract section 5 on (re-entry rules, exit criteria, branched
+//!   waits, experiments, holdout, quiet hours, frequency caps): `never` enters an entry key once,
+//!   a session's holdout flag is the hash's and never changes, a variant is the hash's, no action
+//!   leaves its step in quiet hours, and no user gets more capped actions a day than the cap.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -123,11 +127,15 @@ fn journey_strategy(id: &'static str) -> impl Strategy<Value = Value> {
 }
 
 fn events_strategy() -> impl Strategy<Value = Vec<Value>> {
+    events_with_zones(false)
+}
+
+fn events_with_zones(zones: bool) -> impl Strategy<Value = Vec<Value>> {
     prop::collection::vec(
         (0usize..4, 1u8..4, 0u32..90, prop::option::of(0u8..3), prop::option::of(1u8..3), prop::option::of(1u8..4)),
         1..60,
     )
-    .prop_map(|raw| {
+    .prop_map(move |raw| {
         let mut t = 1_795_860_000_000i64;
         raw.into_iter()
             .enumerate()
@@ -143,11 +151,99 @@ fn events_strategy() -> impl Strategy<Value = Vec<Value>> {
                 if let Some(to) = to {
                     attrs.insert("to".into(), json!([to, user]));
                 }
+                if zones && gap % 3 == 0 {
+                    attrs.insert("timezone".into(), json!(["Asia/Tokyo", "America/New_York", "Not/AZone"][i % 3]));
+                }
                 json!({"application": "app", "event": EVENTS[e], "userId": user, "attributes": attrs,
                        "timestamp": t, "eventId": format!("e{i}")})
             })
             .collect()
     })
+}
+
+/// Section 5 on top of a generated journey: re-entry rules, exit criteria, holdout, splits turned
+/// into experiments, waits turned into branched waits.
+#[derive(Debug, Clone)]
+struct Controls {
+    reentry: u8,
+    max_entries: Option<u8>,
+    exit_on: Option<usize>,
+    holdout: Option<u8>,
+    weights: (u8, u8),
+    branched: Option<(usize, bool)>,
+}
+
+fn controls_strategy() -> impl Strategy<Value = Controls> {
+    (
+        0u8..3,
+        prop::option::of(1u8..4),
+        prop::option::of(0usize..4),
+        prop::option::of(0u8..101),
+        (0u8..3, 1u8..3),
+        prop::option::of((0usize..4, any::<bool>())),
+    )
+        .prop_map(
+            |(reentry, max_entries, exit_on, holdout, weights, branched)| Controls {
+                reentry,
+                max_entries,
+                exit_on,
+                holdout,
+                weights,
+                branched,
+            },
+        )
+}
+
+fn with_controls(mut j: Value, c: &Controls) -> Value {
+    match c.reentry {
+        1 => j["entry"]["reentry"] = json!("never"),
+        2 => j["entry"]["reentry"] = json!({"after": "2h"}),
+        _ => {}
+    }
+    if let Some(m) = c.max_entries {
+        j["entry"]["max_entries"] = json!(m);
+    }
+    if let Some(e) = c.exit_on {
+        j["exit_on"] = json!([{"event": EVENTS[e], "conditions": [{"attribute": "k", "operator": "eq", "value": 0}]}]);
+    }
+    if let Some(h) = c.holdout {
+        j["holdout"] = json!({"percent": h});
+    }
+    for s in j["steps"].as_array_mut().unwrap() {
+        let o = s.as_object_mut().unwrap();
+        if o["type"] == "split" {
+            let first = o["branches"][0]["next"].clone();
+            let default = o.remove("default");
+            o.remove("branches");
+            o.insert("type".into(), json!("experiment"));
+            let mut b = json!({"id": "b", "weight": c.weights.1});
+            if let Some(d) = default {
+                b["next"] = d;
+            }
+            o.insert(
+                "variants".into(),
+                json!([{"id": "a", "weight": c.weights.0, "next": first}, b]),
+            );
+        } else if o["type"] == "wait_for_trigger" {
+            if let Some((e, all)) = c.branched {
+                let event = o.remove("event").unwrap();
+                let conditions = o.remove("conditions").unwrap_or(json!([]));
+                let next = o.remove("next");
+                let mut first = json!({"id": "x", "events": [{"event": event, "conditions": conditions}, {"event": EVENTS[e]}],
+                                       "match": if all { "all" } else { "any" }});
+                if let Some(n) = &next {
+                    first["next"] = n.clone();
+                }
+                let mut second =
+                    json!({"id": "y", "events": [{"event": EVENTS[(e + 1) % EVENTS.len()]}]});
+                if let Some(n) = next {
+                    second["next"] = n;
+                }
+                o.insert("branches".into(), json!([first, second]));
+            }
+        }
+    }
+    j
 }
 
 fn write_case(dir: &Path, journeys: &[Value], events: &[Value]) {
@@ -237,5 +333,101 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn journey_controls_keep_their_invariants(
+        j1 in journey_strategy("j1"),
+        j2 in journey_strategy("j2"),
+        c1 in controls_strategy(),
+        c2 in controls_strategy(),
+        caps in (0u64..3, any::<bool>()),
+        events in events_with_zones(false),
+        cut in 0usize..60,
+    ) {
+        let (j1, j2) = (with_controls(j1, &c1), with_controls(j2, &c2));
+        let tmp = tempfile::tempdir().unwrap();
+        write_case(tmp.path(), &[j1.clone(), j2.clone()], &events);
+        let (max, quiet) = caps;
+        let mut policy = json!({"policy_for": "app", "frequency_caps": [{"action": "push", "max": max, "per": "day"}]});
+        if quiet {
+            policy["quiet_hours"] = json!({"start": "21:00", "end": "08:00"});
+        }
+        std::fs::write(tmp.path().join("journeys/policy.json"), policy.to_string()).unwrap();
+        let journeys = tmp.path().join("journeys");
+        if let Err(e) = waymark::journey::load_dir(&journeys) {
+            prop_assume!(false, "invalid journey: {}", e);
+        }
+        let until = Some(1_795_860_000_000i64 + 400 * 86_400_000);
+        let events_file = tmp.path().join("events.jsonl");
+        let (out, _) = common::run_replay(&journeys, &events_file, until, None);
+        let (again, _) = common::run_replay(&journeys, &events_file, until, None);
+        prop_assert_eq!(&out, &again, "replay is deterministic");
+
+        let cut = cut.min(events.len());
+        let first = tmp.path().join("first.jsonl");
+        let second = tmp.path().join("second.jsonl");
+        std::fs::write(&first, events[..cut].iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
+        std::fs::write(&second, events[cut..].iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
+        let state = tmp.path().join("state");
+        let (a, _) = common::run_replay(&journeys, &first, None, Some(&state));
+        let (b, _) = common::run_replay(&journeys, &second, until, Some(&state));
+        prop_assert_eq!(format!("{a}{b}"), out.clone(), "split at {} equals one run", cut);
+
+        let defs: HashMap<&str, (&Value, &Controls)> = [("j1", (&j1, &c1)), ("j2", (&j2, &c2))].into_iter().collect();
+        let hash = waymark::engine::controls::bucket_hash;
+        let mut entries: HashMap<(String, String, Value), usize> = HashMap::new();
+        let mut holdout_of: HashMap<String, bool> = HashMap::new();
+        let mut delivered: HashMap<(String, i64), u64> = HashMap::new();
+        for r in records(&out) {
+            let journey = r["journey_id"].as_str().unwrap();
+            let user = r["user_id"].as_str().unwrap().to_string();
+            let sid = r["session_id"].as_str().unwrap().to_string();
+            let (_, c) = defs[journey];
+            let held = r.get("holdout") == Some(&json!(true));
+            prop_assert!(r.get("holdout").is_none() || held, "holdout is true or absent: {}", r);
+            let want = c.holdout.is_some_and(|p| hash(&format!("{journey}/holdout/{user}")) % 10_000 < u64::from(p) * 100);
+            prop_assert_eq!(held, want, "holdout of {} in {}", &user, journey);
+            prop_assert_eq!(*holdout_of.entry(sid).or_insert(held), held, "holdout flag changed within a session");
+            if r["type"] == "journey_entry" {
+                let n = entries.entry((journey.to_string(), user.clone(), r["session_key"].clone())).or_default();
+                *n += 1;
+                if c.reentry == 1 {
+                    prop_assert!(*n <= 1, "reentry never: {} entered {} twice", &user, journey);
+                }
+            }
+            if r["reason"] == "experiment" {
+                let (w0, w1) = (u64::from(c.weights.0), u64::from(c.weights.1));
+                let step = r["from"].as_str().unwrap();
+                let b = hash(&format!("{journey}/{step}/{user}")) % (w0 + w1);
+                prop_assert_eq!(r["variant"].as_str().unwrap(), if b < w0 { "a" } else { "b" });
+            }
+            if r["type"] == "step_advance" && r["reason"] == "action" {
+                let at = waymark::time::parse_rfc3339(r["at"].as_str().unwrap()).unwrap();
+                let hour = (at.rem_euclid(86_400_000)) / 3_600_000;
+                if quiet {
+                    prop_assert!((8..21).contains(&hour), "an action left its step in quiet hours: {}", r);
+                }
+                match r.get("suppressed").and_then(|s| s.as_str()) {
+                    Some(why) => {
+                        prop_assert!(r["action"].is_null() && r["params"].is_null());
+                        prop_assert_eq!(why == "holdout", held);
+                    }
+                    None => {
+                        prop_assert!(!held && !r["action"].is_null());
+                        if r["action"] == "push" {
+                            let n = delivered.entry((user.clone(), at.div_euclid(86_400_000))).or_default();
+                            *n += 1;
+                            prop_assert!(*n <= max, "{} pushes for {} in one day, cap {}", n, &user, max);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = defs.values().map(|(j, _)| j).count();
     }
 }
