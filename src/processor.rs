@@ -56,8 +56,9 @@ pub struct Processor<S: Store> {
     state: State<S>,
     /// The earliest timer's due time, kept so events need no store access to know none is due.
     next_timer: Option<Millis>,
-    /// The next timers, read ahead in one scan and fired in order; dropped when a new timer would
-    /// sort before the last of them. An entry whose session has moved on is skipped when fired.
+    /// The next timers, read ahead in one scan and fired in order; dropped when a new timer may
+    /// sort before the last of them (due no later: timers due at the same instant are ordered by
+    /// application, user, journey and key, so the buffer cannot tell by time alone). An entry whose session has moved on is skipped when fired.
     due: VecDeque<TimerRef>,
     /// Journey versions whose definitions this store holds (`journey/ID/VERSION` in meta), so an
     /// instance that takes the partition over runs each session on the version it entered.
@@ -198,7 +199,7 @@ impl<S: Store> Processor<S> {
     fn note_timer(&mut self, due: Option<Millis>) {
         if let Some(d) = due {
             self.next_timer = Some(self.next_timer.map_or(d, |n| n.min(d)));
-            if self.due.back().is_some_and(|last| d < last.due) {
+            if self.due.back().is_some_and(|last| d <= last.due) {
                 self.due.clear();
             }
         }
