@@ -47,6 +47,65 @@ pub fn write_journeys(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes the ten benchmark journeys with every journey control of contract section 5 on (the
+/// same triggers, waits and goals, so one event stream serves both), and an application policy
+/// with quiet hours and frequency caps.
+pub fn write_control_journeys(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for j in 0..JOURNEYS {
+        let multiple = j % 2 == 1;
+        let mut entry = json!({
+            "event": format!("Trigger{j}"),
+            "conditions": [ { "attribute": "amount", "operator": "gte", "value": 1 } ],
+            "reentry": { "after": "10m" },
+            "max_entries": 1000,
+        });
+        if multiple {
+            entry["sessions"] = json!({ "multiple": { "identifier": "order_id" } });
+        }
+        let journey = json!({
+            "id": format!("bench-{j}"),
+            "application": APPLICATION,
+            "entry": entry,
+            "holdout": { "percent": 10 },
+            "start": "wait",
+            "steps": [
+                { "id": "wait", "type": "wait_for_trigger", "branches": [
+                    { "id": "waited", "events": [ { "event": format!("Wait{j}") } ], "next": "ab" },
+                    { "id": "both", "events": [ { "event": format!("Goal{j}") }, { "event": "Search" } ],
+                      "match": "all", "next": "ab" } ],
+                  "timeout": "6h", "on_timeout": "end" },
+                { "id": "ab", "type": "experiment", "variants": [
+                    { "id": "push", "weight": 50, "next": "notify" },
+                    { "id": "email", "weight": 50, "next": "mail" } ] },
+                { "id": "notify", "type": "action", "action": "push",
+                  "params": { "template": format!("t{j}") }, "next": "pause" },
+                { "id": "mail", "type": "action", "action": "email",
+                  "params": { "template": format!("t{j}") }, "next": "pause" },
+                { "id": "pause", "type": "delay", "duration": "1h", "next": "end" },
+                { "id": "end", "type": "exit" }
+            ],
+            "goals": [ { "id": "goal", "event": format!("Goal{j}"), "within": "1d", "exit": j % 3 == 0 } ],
+            "exit_on": [ { "event": format!("Goal{j}"), "conditions": [ { "attribute": "order_id", "operator": "eq", "value": "o3" } ] } ]
+        });
+        std::fs::write(
+            dir.join(format!("bench-{j}.json")),
+            serde_json::to_string_pretty(&journey)?,
+        )?;
+    }
+    let policy = json!({
+        "policy_for": APPLICATION,
+        "default_timezone": "Europe/Berlin",
+        "quiet_hours": { "start": "21:00", "end": "08:00" },
+        "frequency_caps": [ { "action": "push", "max": 3, "per": "day" },
+                            { "action": "email", "max": 5, "per": "week" } ]
+    });
+    std::fs::write(
+        dir.join("policy.json"),
+        serde_json::to_string_pretty(&policy)?,
+    )
+}
+
 /// Generates `count` events for `users` users, one JSON object a line. Event time starts at
 /// `start_ms` and advances `step_ms` per event.
 pub fn write_events(

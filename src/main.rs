@@ -143,6 +143,9 @@ enum Command {
         users: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Write the journeys with every journey control of contract section 5 on, and a policy.
+        #[arg(long)]
+        controls: bool,
     },
 }
 
@@ -247,9 +250,14 @@ fn main() -> ExitCode {
             count,
             users,
             seed,
+            controls,
         } => {
             let result = (|| -> std::io::Result<()> {
-                waymark::loadgen::write_journeys(&journeys)?;
+                if controls {
+                    waymark::loadgen::write_control_journeys(&journeys)?;
+                } else {
+                    waymark::loadgen::write_journeys(&journeys)?;
+                }
                 let mut out: Box<dyn std::io::Write> = if events.as_os_str() == "-" {
                     Box::new(std::io::stdout().lock())
                 } else {

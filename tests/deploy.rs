@@ -149,6 +149,14 @@ fn dashboard_and_alert_metrics_are_exported_by_a_running_instance() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     events.push(json!({"application": "XXXXX-XXXXX", "event": "Nudge", "userId": 5, "timestamp": now_ms(), "eventId": "n"}));
+    // The journey controls scenario: a quiet-hours hold and release, a capped action.
+    let controls =
+        std::fs::read_to_string(root.join("config/scenario/controls-events.jsonl")).unwrap();
+    events.extend(
+        controls
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()),
+    );
     produce_events(&s.names.events, &events);
     produce(&s.names.events, &[(None, Some(0), b"not json".to_vec())]);
     let mut missing = used.clone();
