@@ -70,6 +70,8 @@ pub struct ProcessingConfig {
     pub transaction_interval_ms: u64,
     pub commit_max_records: usize,
     pub max_event_bytes: usize,
+    pub max_targets: usize,
+    pub max_sessions_per_user: usize,
     pub timer_tick_ms: u64,
     pub clock_offset_ms: i64,
 }
@@ -352,6 +354,12 @@ impl Config {
         }
         if self.processing.commit_max_records == 0 {
             e.push("processing.commit_max_records: must be at least 1".into());
+        }
+        if self.processing.max_targets == 0 {
+            e.push("processing.max_targets: must be at least 1".into());
+        }
+        if self.processing.max_sessions_per_user == 0 {
+            e.push("processing.max_sessions_per_user: must be at least 1".into());
         }
         if self.processing.timer_tick_ms == 0 || self.processing.timer_tick_ms > 1000 {
             e.push("processing.timer_tick_ms: must be between 1 and 1000".into());

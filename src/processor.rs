@@ -122,6 +122,11 @@ impl<S: Store> Processor<S> {
         })
     }
 
+    /// Sets the engine's bounds (`processing.max_targets`, `processing.max_sessions_per_user`).
+    pub fn set_limits(&mut self, limits: crate::engine::Limits) {
+        self.engine = self.engine.clone().with_limits(limits);
+    }
+
     pub fn state(&self) -> &State<S> {
         &self.state
     }
@@ -147,7 +152,7 @@ impl<S: Store> Processor<S> {
             .collect();
         let set = JourneySet::with_versions(journeys.journeys.clone(), older)
             .with_policies(journeys.policies().clone());
-        self.engine = Engine::new(Arc::new(set));
+        self.engine = Engine::new(Arc::new(set)).with_limits(self.engine.limits());
     }
 
     /// Ends every session of an archived journey (exit reason `archived`, at `at`).

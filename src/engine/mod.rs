@@ -53,6 +53,10 @@ pub enum Refusal {
     Reentry,
     /// The user has entered `entry.max_entries` times.
     MaxEntries,
+    /// `who` names more users than [`Limits::max_targets`].
+    TooManyTargets,
+    /// The user has [`Limits::max_sessions_per_user`] active sessions in the journey.
+    TooManySessions,
 }
 
 impl Refusal {
@@ -67,6 +71,8 @@ impl Refusal {
             Refusal::NotActive => "not_active",
             Refusal::Reentry => "reentry",
             Refusal::MaxEntries => "max_entries",
+            Refusal::TooManyTargets => "too_many_targets",
+            Refusal::TooManySessions => "too_many_sessions",
         }
     }
 }
@@ -116,15 +122,46 @@ struct Cause<'a> {
     at: Millis,
 }
 
+/// Bounds on what one input may make the engine do (`processing.*` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Users one event may enter into one journey through `who: {attribute}`.
+    pub max_targets: usize,
+    /// Active sessions of one user in one journey.
+    pub max_sessions_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_targets: 10_000,
+            max_sessions_per_user: 1_000,
+        }
+    }
+}
+
 /// The engine over one set of journeys.
 #[derive(Debug, Clone)]
 pub struct Engine {
     journeys: Arc<JourneySet>,
+    limits: Limits,
 }
 
 impl Engine {
     pub fn new(journeys: Arc<JourneySet>) -> Engine {
-        Engine { journeys }
+        Engine {
+            journeys,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Engine {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     pub fn journeys(&self) -> &Arc<JourneySet> {
@@ -329,6 +366,10 @@ impl Engine {
                         refuse(fx, Refusal::NoTargets);
                         continue;
                     }
+                    Ok(t) if t.len() > self.limits.max_targets => {
+                        refuse(fx, Refusal::TooManyTargets);
+                        continue;
+                    }
                     Ok(t) => t,
                     Err(BadTargets) => {
                         refuse(fx, Refusal::BadTargets);
@@ -369,6 +410,16 @@ impl Engine {
             fx.refused
                 .push((journey.id.clone(), Refusal::ActiveSession));
             return;
+        }
+        if intent.session_key.is_some() {
+            let live = (0..us.len())
+                .filter(|&ix| us.is_active(ix) && us.session(ix).journey_id == journey.id)
+                .count();
+            if live >= self.limits.max_sessions_per_user {
+                fx.refused
+                    .push((journey.id.clone(), Refusal::TooManySessions));
+                return;
+            }
         }
         let key = intent.session_key.as_deref();
         if journey.entry.keeps_history() {

@@ -712,3 +712,62 @@ fn variant_and_holdout_are_pure_functions_of_journey_step_and_user() {
         assert_eq!(seen[0].1, held.then_some(true));
     }
 }
+
+#[test]
+fn too_many_targets_enters_nobody_into_that_journey_only() {
+    let a = json!({
+      "id": "a", "application": "app",
+      "entry": { "event": "Invite", "who": { "attribute": "to" } },
+      "steps": [ { "id": "x", "type": "exit" } ]
+    });
+    let b = json!({
+      "id": "b", "application": "app", "entry": { "event": "Invite" },
+      "steps": [ { "id": "x", "type": "exit" } ]
+    });
+    let e = engine(&[a, b]).with_limits(Limits {
+        max_targets: 3,
+        max_sessions_per_user: 10,
+    });
+    let mut fx = Effects::default();
+    let many = ev(
+        "Invite",
+        "u",
+        "2026-12-01T10:00:00Z",
+        json!({"to": [1, 2, 3, 4]}),
+    );
+    let intents = e.entry_intents(&many, &mut fx);
+    assert_eq!(refusals(&fx), ["too_many_targets"]);
+    assert_eq!(intents.len(), 1, "journey b still sees the event");
+    assert_eq!(intents[0].journey_id, "b");
+    let mut fx = Effects::default();
+    let three = ev(
+        "Invite",
+        "u",
+        "2026-12-01T10:00:00Z",
+        json!({"to": [1, 2, 3, 3, "3"]}),
+    );
+    assert_eq!(e.entry_intents(&three, &mut fx).len(), 4);
+}
+
+#[test]
+fn too_many_sessions_refuses_a_users_next_identifier() {
+    let e = engine(&[order_journey()]).with_limits(Limits {
+        max_targets: 10,
+        max_sessions_per_user: 2,
+    });
+    let mut us = UserSessions::default();
+    for (o, want) in [(1, None), (2, None), (3, Some("too_many_sessions"))] {
+        let fx = apply(
+            &e,
+            &mut us,
+            &ev(
+                "OrderPlaced",
+                "u",
+                "2026-12-01T10:00:00Z",
+                json!({"order_id": o}),
+            ),
+        );
+        assert_eq!(refusals(&fx).first().copied(), want, "order {o}");
+    }
+    assert_eq!(us.active().count(), 2);
+}

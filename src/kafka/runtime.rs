@@ -377,6 +377,10 @@ impl Core {
                         .unwrap_or(0) as u64
                         + 1;
                 let mut proc = Processor::new(self.journeys.clone(), State::new(store)?)?;
+                proc.set_limits(crate::engine::Limits {
+                    max_targets: self.cfg.processing.max_targets,
+                    max_sessions_per_user: self.cfg.processing.max_sessions_per_user,
+                });
                 // Keys whose newest changelog record was dropped (a dead writer's unfinished
                 // batch, a zombie's) get their restored value written again with the claim, so
                 // that compaction keeps a committed value for them.
@@ -894,6 +898,12 @@ impl Core {
                 .refused
                 .with_label_values(&[journey, reason.as_str()])
                 .inc();
+            if matches!(
+                reason,
+                crate::engine::Refusal::TooManyTargets | crate::engine::Refusal::TooManySessions
+            ) {
+                tracing::warn!(journey = %journey, reason = reason.as_str(), "entry refused at a limit (processing.max_targets / processing.max_sessions_per_user)");
+            }
         }
         for journey in &out.matched {
             self.metrics.matched.with_label_values(&[journey]).inc();
