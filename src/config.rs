@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use crate::properties::{env_property_name, ClientProperties, Properties};
+
 /// The defaults, as shipped in `config/waymark.toml`.
 pub const DEFAULTS: &str = include_str!("../config/waymark.toml");
 
@@ -33,6 +35,13 @@ pub struct KafkaConfig {
     pub transactional_id: String,
     pub transaction_timeout_ms: u64,
     pub commit_timeout_ms: u64,
+    /// librdkafka properties for every client, and for consumers and producers only.
+    #[serde(default)]
+    pub properties: Properties,
+    #[serde(default)]
+    pub consumer_properties: Properties,
+    #[serde(default)]
+    pub producer_properties: Properties,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +145,7 @@ pub fn load(
     }
     // Environment: WAYMARK_<SECTION>_<KEY>.
     let mut env_table: BTreeMap<String, Table> = BTreeMap::new();
+    let mut env_props: BTreeMap<&str, Table> = BTreeMap::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("WAYMARK_") else {
             continue;
@@ -144,6 +154,17 @@ pub fn load(
             continue;
         }
         let lower = rest.to_ascii_lowercase();
+        // Client properties: WAYMARK_KAFKA_[CONSUMER_|PRODUCER_]PROPERTIES_<NAME>.
+        let table = ["consumer_properties", "producer_properties", "properties"]
+            .into_iter()
+            .find_map(|t| Some((t, lower.strip_prefix(&format!("kafka_{t}_"))?)));
+        if let Some((table, tail)) = table {
+            env_props
+                .entry(table)
+                .or_default()
+                .insert(env_property_name(tail), Value::String(value));
+            continue;
+        }
         let section = defaults
             .keys()
             .find(|s| lower.starts_with(&format!("{s}_")))
@@ -188,6 +209,16 @@ pub fn load(
         "environment",
         &mut errors,
     );
+    // Environment properties add to (and override) the file's, key by key.
+    for (table, props) in env_props {
+        if let Some(Value::Table(t)) = merged
+            .get_mut("kafka")
+            .and_then(Value::as_table_mut)
+            .and_then(|k| k.get_mut(table))
+        {
+            t.extend(props);
+        }
+    }
     let mut flags = Table::new();
     for (path, value) in overrides {
         let (section, key) = path
@@ -275,9 +306,38 @@ fn merge(defaults: &Table, into: &mut Table, layer: Table, source: &str, errors:
 }
 
 impl Config {
+    /// The client properties with `_file` values read (checked by [`load`] already).
+    pub fn client_properties(&self) -> Result<ClientProperties, ConfigErrors> {
+        let k = &self.kafka;
+        let mut errors = Vec::new();
+        let mut resolve = |p: &Properties, section: &str| match p.resolve(section) {
+            Ok(v) => v,
+            Err(mut e) => {
+                errors.append(&mut e);
+                Vec::new()
+            }
+        };
+        let props = ClientProperties {
+            common: resolve(&k.properties, "kafka.properties"),
+            consumer: resolve(&k.consumer_properties, "kafka.consumer_properties"),
+            producer: resolve(&k.producer_properties, "kafka.producer_properties"),
+        };
+        if errors.is_empty() {
+            Ok(props)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
     /// Checks values beyond their types.
     fn check(&self) -> Result<(), ConfigErrors> {
         let mut e = Vec::new();
+        if let Err(ConfigErrors(mut more)) = self.client_properties() {
+            e.append(&mut more);
+        }
+        if self.processing.guarantee == Guarantee::ExactlyOnce && !self.state.changelog {
+            e.push("processing.guarantee: exactly_once needs state.changelog = true (without the changelog, a crash between the transaction and the local write republishes in a new transaction); set state.changelog = true or use at_least_once".into());
+        }
         if self.kafka.brokers.trim().is_empty() {
             e.push("kafka.brokers: empty; set host:port[,host:port]".to_string());
         }

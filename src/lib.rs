@@ -15,6 +15,7 @@
 //! - [`inspect`]: `waymark inspect` (a user's sessions) and `waymark journeys` (the loaded set).
 //! - [`loadgen`]: synthetic journeys and events for benchmarks.
 //! - [`config`]: `waymark run` configuration: defaults, file, environment, flags.
+//! - [`properties`]: librdkafka client properties (SASL, TLS), `_file` secrets, redaction.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`logging`]: tracing setup (text or JSON, level from `WAYMARK_LOG`).
 //! - [`service`]: wiring for `waymark run`: config, journeys, topics, signals, metrics server.
@@ -32,6 +33,7 @@ pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod processor;
+pub mod properties;
 pub mod record;
 pub mod replay;
 pub mod service;

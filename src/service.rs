@@ -13,13 +13,42 @@ use crate::metrics::{self, Metrics};
 
 /// Runs the service; `Err(code)` says how the process should exit.
 pub fn run(config_file: Option<&Path>, overrides: &[(&str, toml::Value)]) -> Result<(), u8> {
-    let cfg = match config::load(config_file, std::env::vars(), overrides) {
+    // std::env::vars() panics on a variable that is not UTF-8: read them as OS strings, refuse a
+    // WAYMARK_* one with a message, and leave every other variable alone.
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        match (k.into_string(), v.into_string()) {
+            (Ok(k), Ok(v)) => env.push((k, v)),
+            (Ok(k), Err(_)) if k.starts_with("WAYMARK_") => {
+                eprintln!(
+                    "waymark run: environment variable {k} is not valid UTF-8; fix or unset it"
+                );
+                return Err(2);
+            }
+            _ => {}
+        }
+    }
+    let cfg = match config::load(config_file, env, overrides) {
         Ok(c) => c,
         Err(e) => {
             eprint!("waymark run: {e}");
             return Err(2);
         }
     };
+    match cfg.client_properties() {
+        Ok(props) => {
+            if !props.common.is_empty() || !props.consumer.is_empty() || !props.producer.is_empty()
+            {
+                // Names only: values (passwords, keys) are never logged.
+                info!(properties = ?props, "kafka client properties set");
+            }
+            crate::kafka::set_client_properties(props);
+        }
+        Err(e) => {
+            eprint!("waymark run: {e}");
+            return Err(2);
+        }
+    }
     let journeys = match load_dir(&cfg.journeys.dir) {
         Ok(j) => Arc::new(j),
         Err(e) => {

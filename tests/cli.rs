@@ -255,3 +255,96 @@ fn replay_skips_a_line_that_is_not_utf8_and_goes_on() {
         "the line after the bad one is processed: {out}"
     );
 }
+
+#[test]
+fn client_properties_reach_the_clients_and_secrets_are_never_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("password");
+    std::fs::write(&pw, "s3cr3t-pass\n").unwrap();
+    let f = tmp.path().join("w.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.username\" = \"svc-user\"\n\"sasl.password_file\" = {:?}\n[metrics]\naddr = \"127.0.0.1:0\"\n",
+            pw.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let state = tmp.path().join("state");
+    // The mechanism comes from the environment (`__` for a dot); librdkafka refuses it by name,
+    // which shows the properties reach the client.
+    let out = Command::new(env!("CARGO_BIN_EXE_waymark"))
+        .args([
+            "run",
+            "--config",
+            f.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .env("WAYMARK_KAFKA_PROPERTIES_SASL__MECHANISM", "NOPE")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("Unsupported SASL mechanism: NOPE"), "{all}");
+    assert!(all.contains("sasl.password"), "the names are logged: {all}");
+    assert!(
+        !all.contains("s3cr3t-pass") && !all.contains("svc-user"),
+        "{all}"
+    );
+}
+
+#[test]
+fn run_refuses_owned_client_properties_and_exactly_once_without_changelog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("w.toml");
+    std::fs::write(
+        &f,
+        "[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n[kafka.consumer_properties]\n\"isolation.level\" = \"read_uncommitted\"\n[processing]\nguarantee = \"exactly_once\"\n[state]\nchangelog = false\n",
+    )
+    .unwrap();
+    let (code, _, err) = waymark(&["run", "--config", f.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("kafka.properties.\"enable.auto.commit\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("kafka.consumer_properties.\"isolation.level\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("exactly_once needs state.changelog = true"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("read_uncommitted"),
+        "values are not repeated: {err}"
+    );
+}
+
+#[test]
+fn run_refuses_a_waymark_variable_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_waymark"))
+        .args(["run", "--brokers", "127.0.0.1:1"])
+        .env(
+            "WAYMARK_KAFKA_GROUP_ID",
+            std::ffi::OsStr::from_bytes(b"bad\xff\xfe"),
+        )
+        .env("SOME_OTHER_VAR", std::ffi::OsStr::from_bytes(b"\xff"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("WAYMARK_KAFKA_GROUP_ID is not valid UTF-8"),
+        "{err}"
+    );
+}

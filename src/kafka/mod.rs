@@ -58,7 +58,38 @@ pub fn owner_of(user: &str, partitions: i32) -> i32 {
     ((murmur2(user.as_bytes()) & 0x7fff_ffff) as i64 % partitions as i64) as i32
 }
 
-/// Settings every waymark client shares.
+/// The configured client properties (`[kafka.properties]` and the role-specific tables), set
+/// once by `waymark run` before it makes any client; empty for the other commands.
+static PROPERTIES: std::sync::RwLock<Option<crate::properties::ClientProperties>> =
+    std::sync::RwLock::new(None);
+
+/// Sets the properties every client made from now on gets.
+pub fn set_client_properties(props: crate::properties::ClientProperties) {
+    *PROPERTIES.write().unwrap_or_else(|e| e.into_inner()) = Some(props);
+}
+
+fn apply(
+    c: &mut ClientConfig,
+    pick: fn(&crate::properties::ClientProperties) -> &Vec<(String, String)>,
+) {
+    if let Some(props) = PROPERTIES
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        for (k, v) in pick(props) {
+            c.set(k, v);
+        }
+    }
+}
+
+/// Applies the consumer-only properties (call last, before `create`).
+pub fn apply_consumer_properties(c: &mut ClientConfig) -> &mut ClientConfig {
+    apply(c, |p| &p.consumer);
+    c
+}
+
+/// Settings every waymark client shares, then the configured `[kafka.properties]`.
 pub fn base_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
@@ -67,6 +98,7 @@ pub fn base_config(brokers: &str) -> ClientConfig {
         // Small requests (acks, commits) must not wait for Nagle's algorithm.
         .set("socket.nagle.disable", "true")
         .set("topic.metadata.refresh.interval.ms", "10000");
+    apply(&mut c, |p| &p.common);
     c
 }
 
@@ -82,12 +114,13 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
         .set("message.timeout.ms", "60000")
         .set("compression.type", "lz4")
         .set("partitioner", "murmur2_random");
+    apply(&mut c, |p| &p.producer);
     c
 }
 
 /// Partition counts of the topics that exist, by name.
 pub fn topic_partitions(brokers: &str, timeout: Duration) -> anyhow::Result<HashMap<String, i32>> {
-    let consumer: BaseConsumer = base_config(brokers)
+    let consumer: BaseConsumer = apply_consumer_properties(&mut base_config(brokers))
         .create()
         .context("creating a metadata client")?;
     let md = consumer

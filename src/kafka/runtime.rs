@@ -1597,15 +1597,17 @@ pub fn run(
     }
     let restorer: Option<BaseConsumer> = if cfg.state.changelog {
         Some(
-            super::base_config(&cfg.kafka.brokers)
-                .set("group.id", format!("{}-restore", cfg.kafka.group_id))
-                .set("enable.auto.commit", "false")
-                .set("enable.auto.offset.store", "false")
-                .set("enable.partition.eof", "true")
-                .set("isolation.level", "read_committed")
-                .set("fetch.wait.max.ms", "50")
-                .create()
-                .context("creating the changelog reader")?,
+            super::apply_consumer_properties(
+                super::base_config(&cfg.kafka.brokers)
+                    .set("group.id", format!("{}-restore", cfg.kafka.group_id))
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("enable.partition.eof", "true")
+                    .set("isolation.level", "read_committed")
+                    .set("fetch.wait.max.ms", "50"),
+            )
+            .create()
+            .context("creating the changelog reader")?,
         )
     } else {
         None
@@ -1631,7 +1633,8 @@ pub fn run(
         aborts_in_row: 0,
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
-    let consumer: BaseConsumer<Ctx> = super::base_config(&cfg.kafka.brokers)
+    let mut consumer = super::base_config(&cfg.kafka.brokers);
+    consumer
         .set("group.id", &cfg.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -1645,7 +1648,8 @@ pub fn run(
         .set("max.poll.interval.ms", "300000")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "100")
-        .set("statistics.interval.ms", "1000")
+        .set("statistics.interval.ms", "1000");
+    let consumer: BaseConsumer<Ctx> = super::apply_consumer_properties(&mut consumer)
         .create_with_context(Ctx {
             core: core.clone(),
             metrics: metrics.clone(),
