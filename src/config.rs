@@ -79,6 +79,7 @@ pub struct ProcessingConfig {
     pub transaction_interval_ms: u64,
     pub commit_max_records: usize,
     pub max_event_bytes: usize,
+    pub max_future_ms: u64,
     pub max_targets: usize,
     pub max_sessions_per_user: usize,
     pub timer_tick_ms: u64,

@@ -52,6 +52,9 @@ pub enum EventError {
     /// The attribute a journey's `who` names holds no usable user ids.
     #[error("bad target list: {0}")]
     BadTargets(String),
+    /// The event time is further ahead of the clock than `processing.max_future_ms`.
+    #[error("timestamp in the future: {0}")]
+    InFuture(String),
 }
 
 impl EventError {
@@ -65,6 +68,7 @@ impl EventError {
             EventError::Oversize(..) => "oversize",
             EventError::NoTime => "missing_field",
             EventError::BadTargets(_) => "bad_targets",
+            EventError::InFuture(_) => "timestamp_in_future",
         }
     }
 }
@@ -246,6 +250,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserId<'a> {
     }
 }
 
+/// The earliest and latest event times accepted: 0001-01-01T00:00:00.000Z and
+/// 9999-12-31T23:59:59.999Z, so every time prints as RFC 3339.
+pub const MIN_TIME: Millis = -62_135_596_800_000;
+pub const MAX_TIME: Millis = 253_402_300_799_999;
+
 /// `timestamp`: RFC 3339 text or integer epoch milliseconds.
 #[derive(Debug, Clone, Copy)]
 struct Timestamp(Millis);
@@ -264,12 +273,21 @@ impl<'de> Deserialize<'de> for Timestamp {
                     .ok_or_else(|| E::custom(format!("timestamp {v:?} is not RFC 3339")))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(Timestamp(v))
+                if (MIN_TIME..=MAX_TIME).contains(&v) {
+                    Ok(Timestamp(v))
+                } else {
+                    Err(E::custom(format!(
+                        "timestamp {v} is out of range (epoch milliseconds of years 0001 to 9999)"
+                    )))
+                }
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                i64::try_from(v)
-                    .map(Timestamp)
-                    .map_err(|_| E::custom("timestamp out of range"))
+                match i64::try_from(v) {
+                    Ok(v) => self.visit_i64(v),
+                    Err(_) => Err(E::custom(format!(
+                        "timestamp {v} is out of range (epoch milliseconds of years 0001 to 9999)"
+                    ))),
+                }
             }
         }
         d.deserialize_any(V)
@@ -322,6 +340,28 @@ mod tests {
         assert_eq!(a.time, 1_795_860_000_000);
         assert_eq!(a.time, b.time);
         assert_eq!(a.event_id, "x");
+    }
+
+    #[test]
+    fn epoch_millis_outside_years_1_to_9999_are_refused() {
+        for t in [
+            "253402300800000",
+            "-62135596800001",
+            "9007199254740993000",
+            "18446744073709551615",
+        ] {
+            let text = format!(r#"{{"application":"a","event":"e","userId":1,"timestamp":{t}}}"#);
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.reason(), "wrong_type", "{t}: {e}");
+            assert!(e.to_string().contains("out of range"), "{e}");
+        }
+        let max =
+            parse(r#"{"application":"a","event":"e","userId":1,"timestamp":253402300799999}"#)
+                .unwrap();
+        assert_eq!(
+            crate::time::format_millis(max.time),
+            "9999-12-31T23:59:59.999Z"
+        );
     }
 
     #[test]

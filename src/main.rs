@@ -112,6 +112,10 @@ enum Command {
         /// Print one readable line per record instead of its JSON.
         #[arg(long)]
         pretty: bool,
+        /// Skip (and report) events further ahead than this (e.g. 1d) of the latest event time
+        /// read so far, as `processing.max_future_ms` does in `waymark run`.
+        #[arg(long)]
+        max_future: Option<humantime::Duration>,
     },
     /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
     Inspect {
@@ -331,6 +335,7 @@ fn main() -> ExitCode {
             state,
             stats,
             pretty,
+            max_future,
         } => {
             let set = match load_dir(&journeys) {
                 Ok(s) => Arc::new(s),
@@ -344,6 +349,7 @@ fn main() -> ExitCode {
                 until,
                 state,
                 progress: true,
+                max_future: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
             };
             let stdout = std::io::stdout();
             let buffered = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

@@ -37,6 +37,9 @@ pub struct ReplayOptions {
     pub state: Option<PathBuf>,
     /// Show a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// `--max-future`: a line whose event time is further ahead than this of the latest event time
+    /// read so far is reported and skipped (as `processing.max_future_ms` does in `run`).
+    pub max_future: Option<Millis>,
 }
 
 /// What a replay did.
@@ -150,6 +153,18 @@ pub fn replay(
                 continue;
             }
         };
+        if let (Some(limit), Some(c)) = (opts.max_future, clock) {
+            if time > c.saturating_add(limit) {
+                stats.malformed += 1;
+                writeln!(
+                    err,
+                    "line {line_no}: timestamp in the future: {} is more than --max-future ahead of the latest event time ({})",
+                    crate::time::format_millis(time),
+                    crate::time::format_millis(c)
+                )?;
+                continue;
+            }
+        }
         clock = Some(clock.map_or(time, |c| c.max(time)));
         if proc
             .engine()

@@ -348,3 +348,37 @@ fn run_refuses_a_waymark_variable_that_is_not_utf8() {
         "{err}"
     );
 }
+
+#[test]
+fn replay_max_future_skips_an_event_far_ahead_of_the_files_clock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events.jsonl");
+    std::fs::write(
+        &events,
+        concat!(
+            r#"{"application":"XXXXX-XXXXX","event":"CheckoutSuccess","userId":1,"timestamp":"2026-11-28T10:00:00Z"}"#, "\n",
+            r#"{"application":"XXXXX-XXXXX","event":"CheckoutSuccess","userId":2,"timestamp":"2100-01-01T00:00:00Z"}"#, "\n",
+            r#"{"application":"XXXXX-XXXXX","event":"CheckoutSuccess","userId":3,"timestamp":"2026-11-28T10:05:00Z"}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let ev = events.to_str().unwrap();
+    let (code, out, err) = waymark(&[
+        "replay",
+        "--journeys",
+        "config/journeys",
+        "--events",
+        ev,
+        "--max-future",
+        "1d",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("line 2: timestamp in the future"), "{err}");
+    assert!(
+        !out.contains("\"user_id\":\"2\"") && out.contains("\"user_id\":\"3\""),
+        "{out}"
+    );
+    // Without the flag the file is its own clock: the event is processed.
+    let (_, out, _) = waymark(&["replay", "--journeys", "config/journeys", "--events", ev]);
+    assert!(out.contains("\"user_id\":\"2\""), "{out}");
+}

@@ -393,6 +393,9 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
         ("wrong_type", br#"{"application":"app","event":"Invite","userId":true}"#.to_vec()),
         ("oversize", format!(r#"{{"application":"app","event":"Invite","userId":1,"attributes":{{"pad":"{}"}}}}"#, "x".repeat(3000)).into_bytes()),
         ("bad_targets", br#"{"application":"app","event":"Invite","userId":1,"attributes":{"targets":[{"id":1}]},"timestamp":1795860000000}"#.to_vec()),
+        // A year-2100 event would fire every timer of its partition: refused (max_future_ms).
+        ("timestamp_in_future", br#"{"application":"app","event":"Invite","userId":1,"attributes":{"targets":[1]},"timestamp":"2100-01-01T00:00:00Z","eventId":"far"}"#.to_vec()),
+        ("wrong_type", br#"{"application":"app","event":"Invite","userId":1,"timestamp":9007199254740993000}"#.to_vec()),
     ];
     let mut recs: Vec<(Option<String>, Option<i32>, Vec<u8>)> =
         vec![(Some("1".into()), Some(0), good(1, "g1"))];

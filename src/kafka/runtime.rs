@@ -728,6 +728,19 @@ impl Core {
             self.dead_letter(m, &EventError::NoTime);
             return Ok(());
         };
+        let horizon = self
+            .clock
+            .now_ms()
+            .saturating_add(self.cfg.processing.max_future_ms.min(i64::MAX as u64) as i64);
+        if time > horizon {
+            let e = EventError::InFuture(format!(
+                "{} is more than processing.max_future_ms ({} ms) ahead of the clock",
+                crate::time::format_millis(time),
+                self.cfg.processing.max_future_ms
+            ));
+            self.dead_letter(m, &e);
+            return Ok(());
+        }
         let parts = self.partitions;
         let part = self.parts.get_mut(&p).expect("owned");
         if part

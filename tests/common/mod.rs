@@ -43,6 +43,7 @@ pub fn run_replay(
         until,
         state: state.map(Path::to_path_buf),
         progress: false,
+        max_future: None,
     };
     let mut out = Vec::new();
     let mut err = Vec::new();
