@@ -771,3 +771,35 @@ fn too_many_sessions_refuses_a_users_next_identifier() {
     }
     assert_eq!(us.active().count(), 2);
 }
+
+#[test]
+fn the_longest_allowed_chain_of_instant_steps_runs_and_a_longer_journey_is_refused() {
+    let chain = |n: usize| {
+        let mut steps: Vec<Value> = (0..n - 1)
+            .map(|i| json!({"id": format!("a{i}"), "type": "action", "action": "push", "params": null, "next": format!("a{}", i + 1)}))
+            .collect();
+        steps.push(json!({"id": format!("a{}", n - 1), "type": "exit"}));
+        json!({"id": "long", "application": "app", "entry": {"event": "Go"}, "steps": steps})
+    };
+    let max = crate::journey::MAX_STEPS;
+    let e = engine(&[chain(max)]);
+    // The engine walks the chain on a thread with a small stack, as the service's threads have.
+    let records = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let mut us = UserSessions::default();
+            apply(
+                &e,
+                &mut us,
+                &ev("Go", "u", "2026-12-01T10:00:00Z", json!({})),
+            )
+            .records
+            .len()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(records, 1 + (max - 1) + 1);
+    let err = compile_journey("t.json", &chain(max + 1)).unwrap_err();
+    assert!(err[0].message.contains("at most 1000 steps"), "{err:?}");
+}

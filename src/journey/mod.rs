@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 pub use condition::{Condition, Conditions, Op, Scalar};
 pub use policy::{Cap, Period, Policy, QuietHours};
-pub use validate::compile_journey;
+pub use validate::{compile_journey, MAX_STEPS};
 pub use window::Window;
 
 use crate::time::Millis;

@@ -45,6 +45,10 @@ const ENTRY_KEYS: &[&str] = &[
 ];
 const GOAL_KEYS: &[&str] = &["id", "event", "conditions", "match", "within", "exit"];
 
+/// Most steps a journey may have. It bounds the depth of a chain of instant steps (action, split,
+/// experiment), which validation and the engine walk recursively.
+pub const MAX_STEPS: usize = 1000;
+
 /// Checks one definition and compiles it; every problem found is returned.
 pub fn compile_journey(file: &str, v: &Value) -> Result<Journey, Vec<Problem>> {
     let mut p = Problems::new(file);
@@ -338,6 +342,16 @@ fn compile_steps(root: &Map<String, Value>, p: &mut Problems) -> (Vec<Step>, Opt
             return (Vec::new(), None);
         }
     };
+    if items.len() > MAX_STEPS {
+        p.add(
+            "$.steps",
+            format!(
+                "a journey has at most {MAX_STEPS} steps, found {}",
+                items.len()
+            ),
+        );
+        return (Vec::new(), None);
+    }
     // First pass: ids, so references can be resolved in any order.
     let mut ids: HashMap<String, StepIx> = HashMap::new();
     let mut names: Vec<String> = Vec::new();
