@@ -124,6 +124,8 @@ pub fn load(
     overrides: &[(&str, Value)],
 ) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
+    // `section.key` of every value a layer (file, environment, flags) set.
+    let mut set = std::collections::BTreeSet::new();
     let defaults: Table = DEFAULTS.parse().expect("embedded defaults parse");
     let mut merged = defaults.clone();
     if let Some(path) = file {
@@ -133,7 +135,7 @@ pub fn load(
                     &defaults,
                     &mut merged,
                     t,
-                    &path.display().to_string(),
+                    (&path.display().to_string(), &mut set),
                     &mut errors,
                 ),
                 Err(e) => errors.push(format!("{}: not valid TOML: {e}", path.display())),
@@ -207,7 +209,7 @@ pub fn load(
         &defaults,
         &mut merged,
         env_table,
-        "environment",
+        ("environment", &mut set),
         &mut errors,
     );
     // Environment properties add to (and override) the file's, key by key.
@@ -232,7 +234,13 @@ pub fn load(
             .expect("sections are tables")
             .insert(key.to_string(), value.clone());
     }
-    merge(&defaults, &mut merged, flags, "flags", &mut errors);
+    merge(
+        &defaults,
+        &mut merged,
+        flags,
+        ("flags", &mut set),
+        &mut errors,
+    );
     // Types: each value must have the default's type.
     for (section, keys) in &merged {
         let Some(keys) = keys.as_table() else {
@@ -258,7 +266,7 @@ pub fn load(
     }
     // Unknown keys were not merged, so the values can be checked even when some were refused;
     // only a value of the wrong type stops that.
-    let cfg: Config = match Value::Table(merged).try_into() {
+    let mut cfg: Config = match Value::Table(merged).try_into() {
         Ok(c) => c,
         Err(e) => {
             if errors.is_empty() {
@@ -267,6 +275,15 @@ pub fn load(
             return Err(ConfigErrors(errors));
         }
     };
+    // Internal topics belong to one deployment: unless set, they are named after the group
+    // (`<group_id>.route`, `<group_id>.changelog`; "waymark.route" for the default group), so two
+    // deployments with different groups on one cluster never share state or routed entries.
+    if !set.contains("topics.route") {
+        cfg.topics.route = format!("{}.route", cfg.kafka.group_id);
+    }
+    if !set.contains("topics.changelog") {
+        cfg.topics.changelog = format!("{}.changelog", cfg.kafka.group_id);
+    }
     if let Err(ConfigErrors(mut more)) = cfg.check() {
         errors.append(&mut more);
     }
@@ -277,7 +294,13 @@ pub fn load(
     }
 }
 
-fn merge(defaults: &Table, into: &mut Table, layer: Table, source: &str, errors: &mut Vec<String>) {
+fn merge(
+    defaults: &Table,
+    into: &mut Table,
+    layer: Table,
+    (source, set): (&str, &mut std::collections::BTreeSet<String>),
+    errors: &mut Vec<String>,
+) {
     for (section, value) in layer {
         let Some(known) = defaults.get(&section).and_then(Value::as_table) else {
             errors.push(format!(
@@ -298,10 +321,12 @@ fn merge(defaults: &Table, into: &mut Table, layer: Table, source: &str, errors:
                 ));
                 continue;
             }
-            into.get_mut(&section)
+            let table = into
+                .get_mut(&section)
                 .and_then(Value::as_table_mut)
-                .expect("defaults have every section")
-                .insert(key, v);
+                .expect("defaults have every section");
+            set.insert(format!("{section}.{key}"));
+            table.insert(key, v);
         }
     }
 }
@@ -458,6 +483,28 @@ mod tests {
         assert_eq!(c.state.dir, PathBuf::from("state"));
         assert_eq!(c.journeys.dir, PathBuf::from("config/journeys"));
         assert_eq!(c.metrics.addr, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn internal_topics_are_named_after_the_group_unless_set() {
+        let c = load(None, env(&[("WAYMARK_KAFKA_GROUP_ID", "staging")]), &[]).unwrap();
+        assert_eq!(c.topics.route, "staging.route");
+        assert_eq!(c.topics.changelog, "staging.changelog");
+        assert_eq!(
+            c.topics.entries, "waymark.entries",
+            "output topics are shared names"
+        );
+        let c = load(
+            None,
+            env(&[
+                ("WAYMARK_KAFKA_GROUP_ID", "staging"),
+                ("WAYMARK_TOPICS_ROUTE", "my.route"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.topics.route, "my.route");
+        assert_eq!(c.topics.changelog, "staging.changelog");
     }
 
     #[test]
