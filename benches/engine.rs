@@ -92,5 +92,69 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(engine_benches, benches);
+/// Section 5: a branched wait (an `all` branch of two events, then an `any` branch) and the
+/// frequency-cap check against a user's delivery history.
+fn control_benches(c: &mut Criterion) {
+    let j = json!({
+      "id": "ctl", "application": "app", "entry": { "event": "Go" },
+      "steps": [
+        { "id": "w", "type": "wait_for_trigger", "branches": [
+            { "id": "both", "events": [ { "event": "Open" }, { "event": "Click", "conditions": [ { "attribute": "n", "operator": "gte", "value": 1 } ] } ], "match": "all", "next": "x" },
+            { "id": "bought", "events": [ { "event": "Purchase" } ], "next": "x" } ] },
+        { "id": "x", "type": "exit" } ]
+    });
+    let journey = compile_journey("ctl.json", &j).unwrap();
+    let engine = Engine::new(Arc::new(JourneySet::new(vec![journey])));
+    let mut fx = Effects::default();
+    let mut base = UserSessions::default();
+    for intent in engine.entry_intents(&event("Go", json!({})), &mut fx) {
+        engine.apply_entry(&intent, &mut base, &mut fx);
+    }
+    let sessions: Vec<_> = base.active().cloned().collect();
+    let open = event("Open", json!({"n": 1}));
+    c.bench_function(
+        "engine: branched wait, event completes no branch (progress kept)",
+        |b| {
+            b.iter(|| {
+                let mut fx = Effects::default();
+                let mut us = UserSessions::new(sessions.clone());
+                engine.apply_event(black_box(&open), &mut us, &mut fx);
+                black_box(us.changes().len() + fx.records.len())
+            })
+        },
+    );
+
+    let policy = waymark::journey::policy::compile_policy(
+        "p.json",
+        &json!({"policy_for": "app", "frequency_caps": [
+            {"action": "push", "max": 3, "per": "day"}, {"action": "push", "max": 10, "per": "week"}]}),
+    )
+    .unwrap();
+    let mut history = waymark::engine::History::default();
+    for i in 0..12 {
+        waymark::engine::controls::record_delivery(
+            &mut history,
+            &policy,
+            if i % 3 == 0 { "email" } else { "push" },
+            1_795_860_000_000 - i * 3_600_000,
+        );
+    }
+    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    c.bench_function(
+        "caps: check push against 12 deliveries (day and week caps)",
+        |b| {
+            b.iter(|| {
+                black_box(waymark::engine::controls::cap_reached(
+                    black_box(&history),
+                    &policy.caps,
+                    "push",
+                    1_795_860_000_000,
+                    tz,
+                ))
+            })
+        },
+    );
+}
+
+criterion_group!(engine_benches, benches, control_benches);
 criterion_main!(engine_benches);

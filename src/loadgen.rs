@@ -71,9 +71,9 @@ pub fn write_control_journeys(dir: &Path) -> std::io::Result<()> {
             "start": "wait",
             "steps": [
                 { "id": "wait", "type": "wait_for_trigger", "branches": [
-                    { "id": "waited", "events": [ { "event": format!("Wait{j}") } ], "next": "ab" },
-                    { "id": "both", "events": [ { "event": format!("Goal{j}") }, { "event": "Search" } ],
-                      "match": "all", "next": "ab" } ],
+                    { "id": "both", "events": [ { "event": format!("Goal{j}") }, { "event": format!("Wait{j}") } ],
+                      "match": "all", "next": "ab" },
+                    { "id": "waited", "events": [ { "event": format!("Wait{j}") } ], "next": "ab" } ],
                   "timeout": "6h", "on_timeout": "end" },
                 { "id": "ab", "type": "experiment", "variants": [
                     { "id": "push", "weight": 50, "next": "notify" },

@@ -392,13 +392,15 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
         ("missing_field", br#"{"application":"app","event":"Invite"}"#.to_vec()),
         ("wrong_type", br#"{"application":"app","event":"Invite","userId":true}"#.to_vec()),
         ("oversize", format!(r#"{{"application":"app","event":"Invite","userId":1,"attributes":{{"pad":"{}"}}}}"#, "x".repeat(3000)).into_bytes()),
-        ("bad_targets", br#"{"application":"app","event":"Invite","userId":1,"attributes":{"targets":[{"id":1}]},"timestamp":1795860000000}"#.to_vec()),
         // A year-2100 event would fire every timer of its partition: refused (max_future_ms).
         ("timestamp_in_future", br#"{"application":"app","event":"Invite","userId":1,"attributes":{"targets":[1]},"timestamp":"2100-01-01T00:00:00Z","eventId":"far"}"#.to_vec()),
         ("wrong_type", br#"{"application":"app","event":"Invite","userId":1,"timestamp":9007199254740993000}"#.to_vec()),
     ];
+    // Processed for every other journey, so not a dead letter: counted as a refusal instead.
+    let bad_targets = br#"{"application":"app","event":"Invite","userId":1,"attributes":{"targets":[{"id":1}]},"timestamp":1795860000000}"#.to_vec();
     let mut recs: Vec<(Option<String>, Option<i32>, Vec<u8>)> =
         vec![(Some("1".into()), Some(0), good(1, "g1"))];
+    recs.push((Some("k".into()), Some(0), bad_targets.clone()));
     for (_, bytes) in &bad {
         recs.push((Some("k".into()), Some(0), bytes.clone()));
     }
@@ -410,6 +412,10 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
         |g| g.len() >= bad.len(),
     );
     assert_eq!(dlq.len(), bad.len(), "{dlq:?}");
+    assert!(
+        !dlq.iter().any(|d| d.value == bad_targets),
+        "bad_targets is no dead letter"
+    );
     for (reason, bytes) in &bad {
         let d = dlq
             .iter()
@@ -435,6 +441,10 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
     assert_eq!(
         a.metric_sum("waymark_dead_letters_total", ""),
         bad.len() as f64
+    );
+    assert_eq!(
+        a.metric_sum("waymark_entries_refused_total", "reason=\"bad_targets\""),
+        1.0
     );
     assert!(a.stop().success());
 }

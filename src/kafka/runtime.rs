@@ -769,13 +769,15 @@ impl Core {
                 .map(|(j, _)| j.as_str())
                 .collect();
             if !bad.is_empty() {
-                // Still processed for everything else; the copy in the dead-letter topic says why
-                // nobody entered.
-                let err = EventError::BadTargets(format!(
-                    "the who attribute of journey(s) {} holds something other than user ids",
-                    bad.join(", ")
-                ));
-                self.dead_letter(m, &err);
+                // The event was processed for everything else, so it is no dead letter (a DLQ
+                // replay would apply it twice): counted (refusal bad_targets) and logged.
+                tracing::warn!(
+                    journeys = %bad.join(", "),
+                    topic = m.topic(),
+                    partition = p,
+                    offset = m.offset(),
+                    "the who attribute holds something other than user ids: nobody entered"
+                );
             }
         }
         self.publish(p, record_time, false);
