@@ -624,3 +624,5 @@ pub fn session_id(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_controls;

@@ -4,6 +4,7 @@
 
 pub mod condition;
 mod controls;
+mod graph;
 pub mod policy;
 mod validate;
 pub mod window;
