@@ -80,6 +80,11 @@ fn run_one(run: &Run, evs: &[(String, String)], journeys: &std::path::Path) -> f
     let env = vec![
         ("WAYMARK_KAFKA_BROKERS", cluster.bootstrap_servers()),
         ("WAYMARK_KAFKA_GROUP_ID", "bench".to_string()),
+        // The events are placed in 2030.
+        (
+            "WAYMARK_PROCESSING_MAX_FUTURE_MS",
+            (3650u64 * 86_400_000).to_string(),
+        ),
         ("WAYMARK_STATE_DIR", state.path().display().to_string()),
         ("WAYMARK_JOURNEYS_DIR", journeys.display().to_string()),
         ("WAYMARK_PROCESSING_GUARANTEE", run.guarantee.to_string()),

@@ -332,6 +332,20 @@ fn merge(
 }
 
 impl Config {
+    /// The largest record the producer sends: `message.max.bytes` of the producer or common
+    /// client properties, else librdkafka's default (1,000,000).
+    pub fn max_record_bytes(&self) -> usize {
+        let k = &self.kafka;
+        [&k.producer_properties, &k.properties]
+            .iter()
+            .find_map(|p| match p.0.get("message.max.bytes")? {
+                Value::Integer(i) => usize::try_from(*i).ok(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            })
+            .unwrap_or(1_000_000)
+    }
+
     /// The client properties with `_file` values read (checked by [`load`] already).
     pub fn client_properties(&self) -> Result<ClientProperties, ConfigErrors> {
         let k = &self.kafka;
@@ -440,6 +454,14 @@ impl Config {
         }
         if self.processing.commit_max_records == 0 {
             e.push("processing.commit_max_records: must be at least 1".into());
+        }
+        let room = self.max_record_bytes().saturating_sub(64 * 1024);
+        if self.processing.max_event_bytes > room {
+            e.push(format!(
+                "processing.max_event_bytes: {} leaves no room in a record of message.max.bytes = {} (an event must fit a routed or dead-letter record with its headers); set it to at most {room}",
+                self.processing.max_event_bytes,
+                self.max_record_bytes()
+            ));
         }
         if self.processing.max_targets == 0 {
             e.push("processing.max_targets: must be at least 1".into());

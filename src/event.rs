@@ -52,6 +52,9 @@ pub enum EventError {
     /// The attribute a journey's `who` names holds no usable user ids.
     #[error("bad target list: {0}")]
     BadTargets(String),
+    /// What the input caused is too large to publish (an output, routed or changelog record).
+    #[error("outputs too large: {0}")]
+    OutputTooLarge(String),
     /// The event time is further ahead of the clock than `processing.max_future_ms`.
     #[error("timestamp in the future: {0}")]
     InFuture(String),
@@ -69,6 +72,7 @@ impl EventError {
             EventError::NoTime => "missing_field",
             EventError::BadTargets(_) => "bad_targets",
             EventError::InFuture(_) => "timestamp_in_future",
+            EventError::OutputTooLarge(_) => "output_too_large",
         }
     }
 }

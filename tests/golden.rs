@@ -10,6 +10,11 @@ use common::*;
 #[test]
 fn every_fixture_matches_its_golden_output() {
     let bless = std::env::var("WAYMARK_BLESS").is_ok_and(|v| v == "1");
+    // Blessing rewrites the expected files, so it would pass anything: never in CI.
+    assert!(
+        !(bless && std::env::var_os("CI").is_some()),
+        "WAYMARK_BLESS is set under CI: a blessing run proves nothing"
+    );
     let mut failures = Vec::new();
     let dirs = fixture_dirs();
     assert!(dirs.len() >= 10, "fixtures are missing");

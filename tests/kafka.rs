@@ -381,6 +381,8 @@ fn bad_records_go_to_the_dead_letter_topic_with_their_reason() {
     let (_t2, mut s) = setup("dlq", &jdir, 2);
     s.extra_env
         .push(("WAYMARK_PROCESSING_MAX_EVENT_BYTES".into(), "2000".into()));
+    s.extra_env
+        .push(("WAYMARK_PROCESSING_MAX_FUTURE_MS".into(), "86400000".into()));
     let mut a = s.start("a");
     a.wait_ready(Duration::from_secs(60));
     let good = |u: u32, id: &str| {
@@ -694,4 +696,71 @@ fn a_deleted_state_dir_is_rebuilt_from_the_changelog() {
         "the input was not read again: no record twice"
     );
     assert!(b.stop().success());
+}
+
+/// One event whose outputs cannot be published (a 450 KB user id makes the session's changelog
+/// record larger than a record may be) goes to the dead-letter topic as output_too_large; the
+/// service stays up, its state change is not applied, and the events around it are processed.
+#[test]
+fn an_input_whose_outputs_are_too_large_is_dead_lettered_and_processing_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = tmp.path().join("journeys");
+    write_journey(
+        &jdir,
+        &json!({
+            "id": "buy", "application": "app", "entry": {"event": "Bought"},
+            "steps": [{"id": "w", "type": "wait_for_trigger", "event": "Never"}]
+        }),
+    );
+    let (_t2, s) = setup("too-large", &jdir, 2);
+    let mut a = s.start("a");
+    a.wait_ready(Duration::from_secs(60));
+    let ev = |user: &str, id: &str| {
+        json!({"application": "app", "event": "Bought", "userId": user, "timestamp": now_ms(), "eventId": id})
+            .to_string()
+            .into_bytes()
+    };
+    let huge = "u".repeat(450_000);
+    let big = ev(&huge, "big");
+    produce(
+        &s.names.events,
+        &[
+            (Some("1".into()), Some(0), ev("1", "before")),
+            (Some("k".into()), Some(0), big.clone()),
+            (Some("2".into()), Some(0), ev("2", "after")),
+        ],
+    );
+    let dlq = read_until(
+        std::slice::from_ref(&s.names.dlq),
+        Duration::from_secs(60),
+        |g| !g.is_empty(),
+    );
+    assert_eq!(
+        dlq.len(),
+        1,
+        "{:?}",
+        dlq.iter().map(|d| &d.headers).collect::<Vec<_>>()
+    );
+    assert_eq!(dlq[0].value, big, "the original bytes");
+    assert!(
+        dlq[0].headers["waymark-error"].starts_with("output_too_large"),
+        "{:?}",
+        dlq[0].headers
+    );
+    let entries = read_until(
+        std::slice::from_ref(&s.names.entries),
+        Duration::from_secs(60),
+        |g| g.len() >= 2,
+    );
+    let users: HashSet<String> = entries
+        .iter()
+        .map(|g| g.json()["user_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        users,
+        HashSet::from(["1".to_string(), "2".to_string()]),
+        "no entry for the huge user"
+    );
+    assert!(a.is_running(), "the service stays up:\n{}", a.log_text());
+    assert!(a.stop().success());
 }

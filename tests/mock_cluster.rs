@@ -100,6 +100,11 @@ impl Mock {
         let mut env = vec![
             ("WAYMARK_KAFKA_BROKERS".to_string(), self.brokers()),
             ("WAYMARK_KAFKA_GROUP_ID".to_string(), "eos".to_string()),
+            // Events are placed in 2030 (see `signups`).
+            (
+                "WAYMARK_PROCESSING_MAX_FUTURE_MS".to_string(),
+                (3650u64 * 86_400_000).to_string(),
+            ),
             (
                 "WAYMARK_KAFKA_SESSION_TIMEOUT_MS".to_string(),
                 "6000".to_string(),

@@ -197,7 +197,17 @@ struct Core {
     commits: u64,
     failpoint: Option<Failpoint>,
     aborts_in_row: u32,
+    /// Inputs whose outputs are too large to publish, by (topic, partition, offset), with why:
+    /// met again after the rewind, each goes to the dead-letter topic unprocessed.
+    poisoned: HashMap<(String, i32, i64), String>,
+    /// Set when an input was poisoned: the batch is dropped and the consumer rewound.
+    rewind_requested: bool,
+    /// The largest record the producer may send (`message.max.bytes`).
+    max_record_bytes: usize,
 }
+
+/// Room left in a record for its key, headers and framing when sizes are checked.
+const RECORD_HEADROOM: usize = 64 * 1024;
 
 /// exactly_once: transactions aborted in a row before the service gives up (a permanent error).
 const MAX_ABORTS_IN_ROW: u32 = 10;
@@ -508,7 +518,9 @@ impl Core {
         headers: Option<OwnedHeaders>,
         record_time: Option<Millis>,
     ) {
-        let opaque = record_time.map_or(0, |t| t.max(0) as usize);
+        // Record times at or above the marker flag (a producer may set any timestamp) are clamped
+        // below it, so an output is never taken for a changelog marker.
+        let opaque = record_time.map_or(0, |t| t.clamp(0, MARKER_OPAQUE as i64 - 1) as usize);
         self.send_raw(
             topic,
             partition,
@@ -642,14 +654,26 @@ impl Core {
             }
         }
         let record_time = m.timestamp().to_millis();
-        let result = if topic == self.cfg.topics.route {
-            self.handle_route(m, p, record_time)
+        if let Some(why) = self.poisoned.remove(&(topic.to_string(), p, offset)) {
+            // Its outputs cannot be published: it goes to the dead-letter topic unprocessed.
+            self.dead_letter(m, &EventError::OutputTooLarge(why));
         } else {
-            self.handle_input(m, p, record_time)
-        };
-        if let Err(e) = result {
-            self.fatal = Some(e);
-            return;
+            // Sizes are judged per input.
+            if let Some(part) = self.parts.get_mut(&p) {
+                part.proc.state_mut().take_largest_write();
+            }
+            let result = if topic == self.cfg.topics.route {
+                self.handle_route(m, p, record_time)
+            } else {
+                self.handle_input(m, p, record_time)
+            };
+            if let Err(e) = result {
+                self.fatal = Some(e);
+                return;
+            }
+            if self.rewind_requested {
+                return; // the batch is dropped; this input is met again, poisoned
+            }
         }
         let part = self.parts.get_mut(&p).expect("checked above");
         part.next.insert(topic.to_string(), offset + 1);
@@ -761,6 +785,9 @@ impl Core {
             };
             let owns = move |u: &str| owner_of(u, parts) == p;
             part.proc.on_event(&ev, &owns, &mut self.out)?;
+            if self.poison_if_oversized(m, p) {
+                return Ok(());
+            }
             let bad: Vec<&str> = self
                 .out
                 .refused
@@ -818,6 +845,9 @@ impl Core {
                 };
                 let part = self.parts.get_mut(&p).expect("owned");
                 part.proc.on_intent(&intent, &mut self.out)?;
+                if self.poison_if_oversized(m, p) {
+                    return Ok(());
+                }
                 self.publish(p, record_time, false);
                 Ok(())
             }
@@ -829,6 +859,60 @@ impl Core {
                 Ok(())
             }
         }
+    }
+
+    /// When something the input `m` caused is too large to publish (an output or routed record,
+    /// or a state change the changelog would carry), marks the input poisoned and asks for a
+    /// rewind: the batch is dropped (its state changes with it) and, met again, the input goes to
+    /// the dead-letter topic as `output_too_large` while everything else is processed anew.
+    fn poison_if_oversized(&mut self, m: &BorrowedMessage<'_>, p: i32) -> bool {
+        let limit = self.max_record_bytes.saturating_sub(RECORD_HEADROOM);
+        let part = self.parts.get_mut(&p).expect("owned");
+        let largest = part.proc.state_mut().take_largest_write();
+        let payload = m.payload().map_or(0, <[u8]>::len);
+        let mut why = None;
+        if self.cfg.state.changelog && largest > limit {
+            why = Some(format!(
+                "a state change of {largest} bytes would not fit a changelog record (at most {limit})"
+            ));
+        }
+        // Records carry ids and attributes that the state change or the input also holds, so
+        // they are measured only when either is large.
+        if why.is_none() && (largest > limit / 8 || payload > limit / 8) {
+            for r in &self.out.records {
+                let n = r.to_json().len() + r.user_id().len();
+                if n > limit {
+                    why = Some(format!(
+                        "a {} record of {n} bytes (at most {limit})",
+                        r.journey_id()
+                    ));
+                    break;
+                }
+            }
+            for i in &self.out.routed {
+                let n = serde_json::to_vec(i).map_or(0, |v| v.len()) + i.user_id.len();
+                if why.is_none() && n > limit {
+                    why = Some(format!("a routed entry of {n} bytes (at most {limit})"));
+                }
+            }
+        }
+        let Some(why) = why else {
+            return false;
+        };
+        warn!(
+            topic = m.topic(),
+            partition = p,
+            offset = m.offset(),
+            reason = %why,
+            "an input's outputs are too large to publish: dropping the batch, rewinding; the input goes to the dead-letter topic"
+        );
+        self.poisoned.insert(
+            (m.topic().to_string(), p, m.offset()),
+            format!("{why}; its outputs were not published and its state change was not applied"),
+        );
+        self.out.clear();
+        self.rewind_requested = true;
+        true
     }
 
     /// Produces what the last input caused and counts it.
@@ -1646,6 +1730,9 @@ pub fn run(
         commits: 0,
         failpoint: failpoint()?,
         aborts_in_row: 0,
+        poisoned: HashMap::new(),
+        rewind_requested: false,
+        max_record_bytes: cfg.max_record_bytes(),
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let mut consumer = super::base_config(&cfg.kafka.brokers);
@@ -1698,6 +1785,10 @@ pub fn run(
         };
         if let Some(e) = core.fatal.take() {
             return Err(e);
+        }
+        if std::mem::take(&mut core.rewind_requested) {
+            core.rewind(&consumer)?;
+            continue;
         }
         if core.batch_due() || (idle && core.batch_inputs > 0) {
             core.commit_batch(&consumer)?;

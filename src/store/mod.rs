@@ -249,6 +249,9 @@ pub struct State<S: Store> {
     /// Pending timers by (due, application, user, journey, key): derived from the sessions (each
     /// holds its timer's due time), kept in memory and in step with every staged change.
     timers: BTreeSet<Vec<u8>>,
+    /// The largest key + value staged since [`State::take_largest_write`] (what a changelog
+    /// record of it would weigh).
+    largest_write: usize,
 }
 
 /// Users whose sessions [`State`] keeps decoded in memory.
@@ -271,6 +274,7 @@ impl<S: Store> State<S> {
             cache: HashMap::new(),
             cache_capacity: DEFAULT_CACHE_USERS,
             timers: BTreeSet::new(),
+            largest_write: 0,
         };
         state.rebuild_timers()?;
         Ok(state)
@@ -313,7 +317,14 @@ impl<S: Store> State<S> {
         self.stage_raw(table, key, value);
     }
 
+    /// The largest key + value staged since the last call, and resets it.
+    pub fn take_largest_write(&mut self) -> usize {
+        std::mem::take(&mut self.largest_write)
+    }
+
     fn stage_raw(&mut self, table: Table, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        self.largest_write = self.largest_write.max(size);
         self.pending[slot(table)].insert(key, value);
         self.staged_ops += 1;
     }

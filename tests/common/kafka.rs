@@ -160,6 +160,12 @@ impl Setup {
             .env("WAYMARK_TOPICS_CHANGELOG", &n.changelog)
             .env("WAYMARK_KAFKA_PARTITIONS", self.partitions.to_string())
             .env("WAYMARK_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            // The suites place events days to a year ahead so the wall clock fires none of their
+            // timers: allow that (the dead-letter test sets the default back).
+            .env(
+                "WAYMARK_PROCESSING_MAX_FUTURE_MS",
+                (400u64 * 86_400_000).to_string(),
+            )
             .env("WAYMARK_LOG", "info,waymark::kafka::runtime=debug")
             .env_remove("WAYMARK_TEST_BROKERS")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -235,6 +241,11 @@ impl Instance {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("waymark not ready within {within:?}:\n{}", self.log_text());
+    }
+
+    /// Whether the process is still running (has not exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn log_text(&self) -> String {
