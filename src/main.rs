@@ -116,6 +116,9 @@ enum Command {
         /// read so far, as `processing.max_future_ms` does in `waymark run`.
         #[arg(long)]
         max_future: Option<humantime::Duration>,
+        /// Lines longer than this many bytes are reported and skipped.
+        #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
+        max_event_bytes: usize,
     },
     /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
     Inspect {
@@ -336,6 +339,7 @@ fn main() -> ExitCode {
             stats,
             pretty,
             max_future,
+            max_event_bytes,
         } => {
             let set = match load_dir(&journeys) {
                 Ok(s) => Arc::new(s),
@@ -350,6 +354,7 @@ fn main() -> ExitCode {
                 state,
                 progress: true,
                 max_future: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+                max_event_bytes,
             };
             let stdout = std::io::stdout();
             let buffered = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     pub active_sessions: IntGaugeVec,
     pub rebalances: IntCounter,
+    pub batch_retries: IntCounter,
     pub partitions_assigned: IntGauge,
     pub commit_seconds: HistogramVec,
     pub transactions: IntCounterVec,
@@ -216,6 +217,11 @@ impl Metrics {
                 &["journey"],
             ),
             quiet_held: quiet_held.clone(),
+            batch_retries: counter(
+                &r,
+                "waymark_batch_retries_total",
+                "Batches dropped and redone after a delivery failure that may be transient (a broker restart, a timeout)",
+            ),
             dead_letters: counter_vec(
                 &r,
                 "waymark_dead_letters_total",

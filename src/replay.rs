@@ -40,7 +40,13 @@ pub struct ReplayOptions {
     /// `--max-future`: a line whose event time is further ahead than this of the latest event time
     /// read so far is reported and skipped (as `processing.max_future_ms` does in `run`).
     pub max_future: Option<Millis>,
+    /// Lines longer than this are reported and skipped, as `processing.max_event_bytes` sends
+    /// such values to the dead-letter topic in `run`.
+    pub max_event_bytes: usize,
 }
+
+/// `replay`'s default line limit: the service's default `processing.max_event_bytes`.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 900_000;
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -125,6 +131,16 @@ pub fn replay(
         stats.lines += 1;
         let my_offset = offset;
         offset += 1;
+        if bytes.len() > opts.max_event_bytes {
+            stats.malformed += 1;
+            writeln!(
+                err,
+                "line {line_no}: oversize: {} bytes, the limit is {} (--max-event-bytes)",
+                bytes.len(),
+                opts.max_event_bytes
+            )?;
+            continue;
+        }
         // A line that is not UTF-8 is malformed like any other: reported and skipped.
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,

@@ -282,6 +282,7 @@ fn client_properties_reach_the_clients_and_secrets_are_never_printed() {
             state.to_str().unwrap(),
         ])
         .env("WAYMARK_KAFKA_PROPERTIES_SASL__MECHANISM", "NOPE")
+        .env_remove("WAYMARK_TEST_BROKERS")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -338,6 +339,7 @@ fn run_refuses_a_waymark_variable_that_is_not_utf8() {
             std::ffi::OsStr::from_bytes(b"bad\xff\xfe"),
         )
         .env("SOME_OTHER_VAR", std::ffi::OsStr::from_bytes(b"\xff"))
+        .env_remove("WAYMARK_TEST_BROKERS")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -381,4 +383,36 @@ fn replay_max_future_skips_an_event_far_ahead_of_the_files_clock() {
     // Without the flag the file is its own clock: the event is processed.
     let (_, out, _) = waymark(&["replay", "--journeys", "config/journeys", "--events", ev]);
     assert!(out.contains("\"user_id\":\"2\""), "{out}");
+}
+
+#[test]
+fn replay_skips_a_line_longer_than_max_event_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events.jsonl");
+    let pad = "x".repeat(5000);
+    std::fs::write(
+        &events,
+        format!(
+            "{}\n{}\n{}\n",
+            r#"{"application":"XXXXX-XXXXX","event":"CheckoutSuccess","userId":1,"timestamp":"2026-11-28T10:00:00Z"}"#,
+            format_args!(r#"{{"application":"XXXXX-XXXXX","event":"CheckoutSuccess","userId":2,"timestamp":"2026-11-28T10:01:00Z","attributes":{{"pad":"{pad}"}}}}"#),
+            r#"{"application":"XXXXX-XXXXX","event":"CheckoutSuccess","userId":3,"timestamp":"2026-11-28T10:02:00Z"}"#,
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = waymark(&[
+        "replay",
+        "--journeys",
+        "config/journeys",
+        "--events",
+        events.to_str().unwrap(),
+        "--max-event-bytes",
+        "4096",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("line 2: oversize"), "{err}");
+    assert!(
+        !out.contains("\"user_id\":\"2\"") && out.contains("\"user_id\":\"3\""),
+        "{out}"
+    );
 }

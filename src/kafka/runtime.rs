@@ -100,9 +100,35 @@ pub struct Delivery {
     /// Records the producer refused to queue (also counted in `failed`).
     refused: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// A failure that no retry can mend (authorization, a record too large, an invalid record)
+    /// happened since the last check.
+    permanent: std::sync::atomic::AtomicBool,
     latency: Option<prometheus::Histogram>,
     /// Offset of the last acknowledged changelog marker, by partition.
     markers: Mutex<HashMap<i32, i64>>,
+}
+
+/// Whether a produce error is one no retry can mend: the service stops and says which. Every
+/// other failure (broker unreachable, timeouts, leader changes, unknown errors during a broker
+/// restart) is retried in-process.
+fn is_permanent(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::MessageBatchTooLarge
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::ProducerFenced
+            | C::InvalidProducerEpoch
+            | C::InvalidTopic
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedVersion
+    )
 }
 
 /// Delivery opaque flag of changelog markers (record times stay far below it).
@@ -113,6 +139,7 @@ impl Delivery {
     pub fn check(&self) -> Result<(), String> {
         let failed = self.failed.swap(0, Ordering::SeqCst);
         self.refused.store(0, Ordering::SeqCst);
+        self.permanent.store(false, Ordering::SeqCst);
         if failed == 0 {
             return Ok(());
         }
@@ -132,6 +159,9 @@ impl ProducerContext for Delivery {
         match result {
             Err((e, msg)) => {
                 self.failed.fetch_add(1, Ordering::SeqCst);
+                if e.rdkafka_error_code().is_some_and(is_permanent) {
+                    self.permanent.store(true, Ordering::SeqCst);
+                }
                 *self.last_error.lock().expect("not poisoned") =
                     Some(format!("{e} (topic {})", msg.topic()));
             }
@@ -204,6 +234,10 @@ struct Core {
     rewind_requested: bool,
     /// The largest record the producer may send (`message.max.bytes`).
     max_record_bytes: usize,
+    /// at_least_once batches that failed delivery in a row (for the backoff), and in all (for
+    /// changelog writer names).
+    retries_in_row: u32,
+    retries_total: u64,
 }
 
 /// Room left in a record for its key, headers and framing when sizes are checked.
@@ -569,6 +603,9 @@ impl Core {
                         let d = self.producer.context();
                         d.failed.fetch_add(1, Ordering::SeqCst);
                         d.refused.fetch_add(1, Ordering::SeqCst);
+                        if e.rdkafka_error_code().is_some_and(is_permanent) {
+                            d.permanent.store(true, Ordering::SeqCst);
+                        }
                         *self
                             .producer
                             .context()
@@ -1106,7 +1143,9 @@ impl Core {
         // inputs whose outputs never arrived). Its acknowledgement is awaited after the group
         // commit, whose round trip it shares.
         if !self.eos {
-            self.flush_and_check("outputs")?;
+            if let Err(e) = self.flush_and_check("outputs") {
+                return self.retry_batch(consumer, e);
+            }
         }
         let marked = self.send_changelog_markers();
         if self.eos && !self.commit_transaction(consumer)? {
@@ -1118,6 +1157,7 @@ impl Core {
             .with_label_values(&[if self.eos { "transaction" } else { "acks" }])
             .observe((acked - t0).as_secs_f64());
         self.commits += 1;
+        self.retries_in_row = 0;
         if !self.eos && offsets_dirty {
             let offsets = self.offsets();
             match consumer.commit(&offsets, CommitMode::Sync) {
@@ -1141,7 +1181,9 @@ impl Core {
                 .observe(acked.elapsed().as_secs_f64());
         }
         if !self.eos && !marked.is_empty() {
-            self.flush_and_check("changelog markers")?;
+            if let Err(e) = self.flush_and_check("changelog markers") {
+                return self.retry_batch(consumer, e);
+            }
         }
         if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
             error!(
@@ -1198,6 +1240,44 @@ impl Core {
     }
 
     /// at_least_once: waits until the broker has acknowledged everything sent so far.
+    /// at_least_once: a batch whose records were not all delivered. A permanent error stops the
+    /// service with it; anything else (a broker restart, a timeout) drops the batch, rewinds to
+    /// the last committed offsets and goes on after a backoff, under a new changelog writer name
+    /// so that a restore never applies the dropped batch's records. Counted in
+    /// `waymark_batch_retries_total`.
+    fn retry_batch(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        e: anyhow::Error,
+    ) -> anyhow::Result<()> {
+        if self
+            .producer
+            .context()
+            .permanent
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(e.context("a permanent produce error"));
+        }
+        self.retries_in_row += 1;
+        self.metrics.batch_retries.inc();
+        let backoff = Duration::from_millis(200u64 << self.retries_in_row.min(7))
+            .min(Duration::from_secs(20));
+        warn!(error = %e, retry = self.retries_in_row, backoff_ms = backoff.as_millis() as u64, "batch not delivered: dropping it, rewinding to the last committed offsets and retrying");
+        // Records of the dropped batch may be in the changelog without their marker: a new writer
+        // name leaves them unfinished for good (a restore drops them).
+        for (p, part) in self.parts.iter_mut() {
+            part.writer = format!(
+                "{}-p{p}-e{}-r{}",
+                self.incarnation, part.epoch, self.retries_total
+            );
+            part.claim = self.restorer.is_some();
+        }
+        self.retries_total += 1;
+        self.rewind(consumer)?;
+        std::thread::sleep(backoff);
+        Ok(())
+    }
+
     fn flush_and_check(&self, what: &str) -> anyhow::Result<()> {
         self.producer.flush(Duration::from_secs(90)).map_err(|e| {
             anyhow!("{what} not acknowledged by the broker: {e}; state not committed, a restart replays them")
@@ -1733,6 +1813,8 @@ pub fn run(
         poisoned: HashMap::new(),
         rewind_requested: false,
         max_record_bytes: cfg.max_record_bytes(),
+        retries_in_row: 0,
+        retries_total: 0,
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let mut consumer = super::base_config(&cfg.kafka.brokers);

@@ -43,7 +43,8 @@ pub fn produce(
         ))
     };
     let mut n = 0u64;
-    for line in reader.lines() {
+    let mut skipped = 0u64;
+    for (line_no, line) in reader.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
@@ -72,14 +73,31 @@ pub fn produce(
         if let Some(k) = &key {
             rec = rec.key(k.as_str());
         }
+        // A full queue is waited out; any other refusal (a record too large, an unknown topic) is
+        // reported with its line and the rest goes on.
+        let mut sent = true;
         loop {
             match producer.send(rec) {
                 Ok(()) => break,
-                Err((_, r)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
                     producer.poll(Duration::from_millis(50));
                     rec = r;
                 }
+                Err((e, _)) => {
+                    eprintln!("waymark produce: line {}: not sent: {e}", line_no + 1);
+                    skipped += 1;
+                    sent = false;
+                    break;
+                }
             }
+        }
+        if !sent {
+            continue;
         }
         n += 1;
         producer.poll(Duration::ZERO);
@@ -101,6 +119,9 @@ pub fn produce(
         .context()
         .check()
         .map_err(|e| anyhow::anyhow!("{e} (does topic {topic} exist?)"))?;
+    if skipped > 0 {
+        anyhow::bail!("{skipped} line(s) not sent (reported above); {n} sent");
+    }
     Ok(n)
 }
 

@@ -44,6 +44,7 @@ pub fn run_replay(
         state: state.map(Path::to_path_buf),
         progress: false,
         max_future: None,
+        max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,
     };
     let mut out = Vec::new();
     let mut err = Vec::new();
