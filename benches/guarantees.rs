@@ -80,6 +80,8 @@ fn run_one(run: &Run, evs: &[(String, String)], journeys: &std::path::Path) -> f
     let env = vec![
         ("WAYMARK_KAFKA_BROKERS", cluster.bootstrap_servers()),
         ("WAYMARK_KAFKA_GROUP_ID", "bench".to_string()),
+        ("WAYMARK_TOPICS_ROUTE", "waymark.route".to_string()),
+        ("WAYMARK_TOPICS_CHANGELOG", "waymark.changelog".to_string()),
         // The events are placed in 2030.
         (
             "WAYMARK_PROCESSING_MAX_FUTURE_MS",

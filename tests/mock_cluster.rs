@@ -100,6 +100,15 @@ impl Mock {
         let mut env = vec![
             ("WAYMARK_KAFKA_BROKERS".to_string(), self.brokers()),
             ("WAYMARK_KAFKA_GROUP_ID".to_string(), "eos".to_string()),
+            // The cluster's topics are created up front under these names.
+            (
+                "WAYMARK_TOPICS_ROUTE".to_string(),
+                "waymark.route".to_string(),
+            ),
+            (
+                "WAYMARK_TOPICS_CHANGELOG".to_string(),
+                CHANGELOG.to_string(),
+            ),
             // Events are placed in 2030 (see `signups`).
             (
                 "WAYMARK_PROCESSING_MAX_FUTURE_MS".to_string(),

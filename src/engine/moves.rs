@@ -43,19 +43,11 @@ impl Engine {
                 // The move out of the action step carries the action; the exit follows it.
                 let record = self.move_record(journey, us, ix, from_id, None, reason, cause, leave);
                 fx.records.push(Record::StepAdvance(record));
-                self.end(
-                    journey,
-                    us,
-                    ix,
-                    from_id,
-                    "completed",
-                    cause,
-                    Leave::default(),
-                    fx,
-                );
-            } else {
-                self.end(journey, us, ix, from_id, "completed", cause, leave, fx);
             }
+            // Any other step without a successor just ends the session: its exit record is like
+            // every other (a branch or variant without `next` adds no field to it).
+            let done = Leave::default();
+            self.end(journey, us, ix, from_id, "completed", cause, done, fx);
             return;
         };
         let to_id = &journey.steps[to].id;
