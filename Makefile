@@ -53,8 +53,8 @@ chaos: deps build broker ## The chaos suite, full form (>= 200k events a scenari
 	  $(CARGO) test $(PROFILE) --test chaos -- --nocapture --test-threads 1 $(CHAOS_TESTS)
 	@grep -h "^chaos report" .run/chaos-report.txt | tail -n 8
 
-fuzz: ## Bad-input fuzzing: decoder and compilers on arbitrary bytes and JSON (FUZZ_CASES=20000 per property, about 2 minutes)
-	FUZZ_CASES=$${FUZZ_CASES:-20000} $(CARGO) test $(PROFILE) --test fuzz -- --test-threads 2
+fuzz: ## Bad-input fuzzing: decoder and compilers on arbitrary bytes and JSON (FUZZ_CASES=500000 per property, about 30 seconds)
+	FUZZ_CASES=$${FUZZ_CASES:-500000} $(CARGO) test $(PROFILE) --test fuzz -- --test-threads 2
 
 demo: deps build broker ## End to end: broker, waymark run, the seed scenario's events, the output records
 	@scripts/demo.sh $(BROKERS)

@@ -1,7 +1,7 @@
 //! Bad-input fuzzing (issue 9): the event decoder and the journey compiler are fed arbitrary bytes
 //! and arbitrary JSON, and mutated versions of valid journeys and events; none may panic, hang or
 //! accept something that then crashes the engine. `make fuzz` runs many more cases
-//! (`FUZZ_CASES`, default 20,000 per property); `make test` runs a few hundred.
+//! (`FUZZ_CASES`, default 500,000 per property); `make test` runs a few hundred.
 
 use std::sync::Arc;
 

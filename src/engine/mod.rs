@@ -134,7 +134,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_targets: 10_000,
+            max_targets: 1_000,
             max_sessions_per_user: 1_000,
         }
     }
