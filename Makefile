@@ -8,6 +8,9 @@ BIN := $(CARGO_TARGET_DIR)/release/waymark
 CARGO := cargo
 # One profile for everything (release), so RocksDB and librdkafka compile once.
 PROFILE := --release
+# The test-only crash hooks (`failpoints`) are built into the binary that make builds and tests;
+# the release image (deploy/Dockerfile) is built without them.
+FEATURES := --features failpoints
 
 .PHONY: help deps build test test-unit lint broker broker-stop demo fuzz bench bench-core bench-replay bench-kafka bench-guarantees chaos validate clean
 
@@ -23,7 +26,7 @@ deps: ## Install the system packages the build needs (Debian; run as root)
 
 build: ## Build the waymark binary (release)
 	@[ -x "$(BIN)" ] || echo "building waymark (release, all targets): the first build compiles RocksDB and librdkafka, about 12 minutes on 2 idle cores (24 with other work); later builds take seconds to a minute"
-	$(CARGO) build $(PROFILE) --all-targets
+	$(CARGO) build $(PROFILE) $(FEATURES) --all-targets
 
 broker: ## Start the local test broker (tansu on sqlite), installing it if missing
 	@scripts/broker.sh start $(BROKER_PORT)
@@ -36,25 +39,25 @@ validate: build ## Validate config/journeys
 
 lint: ## rustfmt and clippy (warnings are errors)
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy $(PROFILE) --all-targets -- -D warnings
+	$(CARGO) clippy $(PROFILE) $(FEATURES) --all-targets -- -D warnings
 
 test-unit: ## Unit, golden and property tests (no broker)
-	$(CARGO) test $(PROFILE) --lib --test golden --test properties --test cli
+	$(CARGO) test $(PROFILE) $(FEATURES) --lib --test golden --test properties --test cli
 
 test: deps build broker ## Everything: lint, unit, golden, property and broker tests
 	$(MAKE) --no-print-directory lint
 	@# One test at a time: the broker tests start several instances and brokers each, and on two
 	@# cores tansu then answers heartbeats late enough for members to lose their partitions.
-	WAYMARK_TEST_BROKERS=$(BROKERS) $(CARGO) test $(PROFILE) -- --test-threads 1
+	WAYMARK_TEST_BROKERS=$(BROKERS) $(CARGO) test $(PROFILE) $(FEATURES) -- --test-threads 1
 
 chaos: deps build broker ## The chaos suite, full form (>= 200k events a scenario; about an hour): report lines on stderr and in .run/chaos-report.txt
 	@mkdir -p .run
 	CHAOS_SCALE=full CHAOS_REPORT=$(CURDIR)/.run/chaos-report.txt WAYMARK_TEST_BROKERS=$(BROKERS) \
-	  $(CARGO) test $(PROFILE) --test chaos -- --nocapture --test-threads 1 $(CHAOS_TESTS)
+	  $(CARGO) test $(PROFILE) $(FEATURES) --test chaos -- --nocapture --test-threads 1 $(CHAOS_TESTS)
 	@grep -h "^chaos report" .run/chaos-report.txt | tail -n 8
 
 fuzz: ## Bad-input fuzzing: decoder and compilers on arbitrary bytes and JSON (FUZZ_CASES=500000 per property, about 30 seconds)
-	FUZZ_CASES=$${FUZZ_CASES:-500000} $(CARGO) test $(PROFILE) --test fuzz -- --test-threads 2
+	FUZZ_CASES=$${FUZZ_CASES:-500000} $(CARGO) test $(PROFILE) $(FEATURES) --test fuzz -- --test-threads 2
 
 demo: deps build broker ## End to end: broker, waymark run, the seed scenario's events, the output records
 	@scripts/demo.sh $(BROKERS)
@@ -68,7 +71,7 @@ bench-replay: build ## 1M events, 100k users, 10 journeys through `waymark repla
 	@scripts/bench-replay.sh $(BIN)
 
 bench-guarantees: ## Changelog on/off and exactly-once vs at-least-once, side by side (mock cluster)
-	BENCH_EVENTS=$${BENCH_EVENTS:-200000} $(CARGO) bench --bench guarantees
+	BENCH_EVENTS=$${BENCH_EVENTS:-200000} $(CARGO) bench $(FEATURES) --bench guarantees
 
 bench-kafka: build broker ## 2M events through `waymark run` against the local broker
 	@scripts/bench-kafka.sh $(BIN) $(BROKERS)

@@ -842,6 +842,11 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
             .lines()
             .find(|l| l.contains("failpoint crash"))
             .unwrap_or("");
+        assert!(
+            !at.is_empty(),
+            "{fp}: the process exited ({status}) but not at the failpoint:\n{}",
+            i.log_text()
+        );
         eprintln!("chaos: {fp}: crashed ({status}): {at}");
         let v = v.get_or_insert_with(|| Verifier::new(&s.names, &stream.expected));
         v.pump(secs(1));

@@ -487,11 +487,11 @@ fn a_timer_fires_on_the_wall_clock_while_idle() {
         "the delay did not fire:\n{}",
         a.log_text()
     );
-    let step = steps
+    let got = steps
         .iter()
-        .map(Got::json)
-        .find(|v| v["type"] == "step_advance")
+        .find(|g| g.json()["type"] == "step_advance")
         .unwrap();
+    let step = got.json();
     assert_eq!(step["reason"], "delay");
     assert_eq!(
         step["at"],
@@ -499,6 +499,14 @@ fn a_timer_fires_on_the_wall_clock_while_idle() {
         "`at` is the due time"
     );
     assert!(fired_after >= 3000, "fired before it was due");
+    // The contract: once caught up, a timer fires within 1 s of its due time on the wall clock.
+    // The record's CreateTime is when waymark produced it.
+    let sent = got.timestamp.expect("records carry a timestamp");
+    assert!(
+        (t + 3000..=t + 4000).contains(&sent),
+        "fired {} ms after its due time (the contract allows 0 to 1000)",
+        sent - (t + 3000)
+    );
     assert!(a.metric_sum("waymark_timers_fired_total", "") >= 1.0);
     let _: HashMap<(), ()> = HashMap::new();
     assert!(a.stop().success());

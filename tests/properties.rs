@@ -260,6 +260,20 @@ fn write_case(dir: &Path, journeys: &[Value], events: &[Value]) {
     std::fs::write(dir.join("events.jsonl"), text).unwrap();
 }
 
+/// The output of the events before `cut` and then the rest, replayed over one state in `dir`.
+fn split_replay(dir: &Path, events: &[Value], cut: usize, until: Option<i64>) -> String {
+    let journeys = dir.join("journeys");
+    let first = dir.join("first.jsonl");
+    let second = dir.join("second.jsonl");
+    let lines = |evs: &[Value]| evs.iter().map(|e| format!("{e}\n")).collect::<String>();
+    std::fs::write(&first, lines(&events[..cut])).unwrap();
+    std::fs::write(&second, lines(&events[cut..])).unwrap();
+    let state = dir.join("state");
+    let (a, _) = common::run_replay(&journeys, &first, None, Some(&state));
+    let (b, _) = common::run_replay(&journeys, &second, until, Some(&state));
+    format!("{a}{b}")
+}
+
 fn records(out: &str) -> Vec<Value> {
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -290,14 +304,7 @@ proptest! {
 
         // Split + restart equals one run.
         let cut = cut.min(events.len());
-        let first = tmp.path().join("first.jsonl");
-        let second = tmp.path().join("second.jsonl");
-        std::fs::write(&first, events[..cut].iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
-        std::fs::write(&second, events[cut..].iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
-        let state = tmp.path().join("state");
-        let (a, _) = common::run_replay(&journeys, &first, None, Some(&state));
-        let (b, _) = common::run_replay(&journeys, &second, until, Some(&state));
-        prop_assert_eq!(format!("{a}{b}"), out.clone(), "split at {} equals one run", cut);
+        prop_assert_eq!(split_replay(tmp.path(), &events, cut, until), out.clone(), "split at {} equals one run", cut);
 
         let recs = records(&out);
         let single: HashMap<&str, bool> = [("j1", &j1), ("j2", &j2)]
@@ -369,14 +376,7 @@ proptest! {
         prop_assert_eq!(&out, &again, "replay is deterministic");
 
         let cut = cut.min(events.len());
-        let first = tmp.path().join("first.jsonl");
-        let second = tmp.path().join("second.jsonl");
-        std::fs::write(&first, events[..cut].iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
-        std::fs::write(&second, events[cut..].iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
-        let state = tmp.path().join("state");
-        let (a, _) = common::run_replay(&journeys, &first, None, Some(&state));
-        let (b, _) = common::run_replay(&journeys, &second, until, Some(&state));
-        prop_assert_eq!(format!("{a}{b}"), out.clone(), "split at {} equals one run", cut);
+        prop_assert_eq!(split_replay(tmp.path(), &events, cut, until), out.clone(), "split at {} equals one run", cut);
 
         let defs: HashMap<&str, &Controls> = [("j1", &c1), ("j2", &c2)].into_iter().collect();
         let hash = waymark::engine::controls::bucket_hash;

@@ -8,6 +8,7 @@ use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
 use super::condition::{kind, lookup};
+use super::window::first_after_gap;
 use super::{Problem, Problems};
 use crate::time::Millis;
 
@@ -60,36 +61,6 @@ pub fn local_instants(naive: NaiveDateTime, tz: Tz) -> Vec<Millis> {
         LocalResult::Ambiguous(a, b) => vec![a.timestamp_millis(), b.timestamp_millis()],
         LocalResult::None => first_after_gap(naive, tz).into_iter().collect(),
     }
-}
-
-/// The first instant whose local time is at or after `naive`, where `naive` falls in a gap.
-pub fn first_after_gap(naive: NaiveDateTime, tz: Tz) -> Option<Millis> {
-    let mut probe = naive;
-    let mut later = None;
-    for _ in 0..(26 * 60) {
-        probe += chrono::Duration::minutes(1);
-        if let Some(dt) = tz.from_local_datetime(&probe).earliest() {
-            later = Some(dt.timestamp_millis());
-            break;
-        }
-    }
-    let hi = later?;
-    let on_or_after = |ms: Millis| -> bool {
-        tz.timestamp_millis_opt(ms)
-            .single()
-            .is_some_and(|dt| dt.naive_local() >= naive)
-    };
-    // Every instant in (hi - 1 minute, hi] maps to the probe's minute or to before the gap.
-    let (mut lo, mut hi) = (hi - 60_000, hi);
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if on_or_after(mid) {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Some(hi)
 }
 
 /// The period a frequency cap counts over.

@@ -5,7 +5,7 @@
 //! 00:00) the day starts at its first existing instant; where midnight happens twice, the earlier
 //! one counts. The window is judged on event time.
 
-use chrono::{Days, NaiveDate, NaiveTime, TimeZone};
+use chrono::{Days, NaiveDate, NaiveDateTime, NaiveTime, TimeZone};
 use chrono_tz::Tz;
 
 use crate::time::Millis;
@@ -40,9 +40,16 @@ pub fn day_start(date: NaiveDate, tz: Tz) -> Option<Millis> {
     if let Some(dt) = tz.from_local_datetime(&midnight).earliest() {
         return Some(dt.timestamp_millis());
     }
-    // Midnight falls in a gap. Find the first local minute of the day that exists, then narrow to
-    // the exact transition instant: the smallest instant whose local time is on or after midnight.
-    let mut probe = midnight;
+    // Midnight falls in a gap: the day starts at the first instant after it.
+    first_after_gap(midnight, tz)
+}
+
+/// The first instant whose local time in `tz` is at or after `naive`, where `naive` falls in a
+/// gap (a DST jump skips it): the instant of the jump.
+pub fn first_after_gap(naive: NaiveDateTime, tz: Tz) -> Option<Millis> {
+    // Find the first local minute after it that exists, then narrow to the exact transition
+    // instant: the smallest instant whose local time is on or after `naive`.
+    let mut probe = naive;
     let mut later = None;
     for _ in 0..(26 * 60) {
         probe += chrono::Duration::minutes(1);
@@ -54,11 +61,11 @@ pub fn day_start(date: NaiveDate, tz: Tz) -> Option<Millis> {
     let hi = later?;
     let is_on_or_after = |ms: Millis| -> bool {
         match tz.timestamp_millis_opt(ms).single() {
-            Some(dt) => dt.naive_local() >= midnight,
+            Some(dt) => dt.naive_local() >= naive,
             None => false,
         }
     };
-    // Every instant in (hi - 1 minute, hi] maps into the day, or before the gap.
+    // Every instant in (hi - 1 minute, hi] maps to the probe's minute or to before the gap.
     let (mut lo, mut hi) = (hi - 60_000, hi);
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;

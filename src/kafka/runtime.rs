@@ -1711,8 +1711,11 @@ fn instance_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Test failpoints, from `WAYMARK_FAILPOINT`: the process aborts at the N-th batch commit.
+/// Test failpoints, from `WAYMARK_FAILPOINT`: the process aborts at the N-th batch commit. Only
+/// in builds with the `failpoints` feature, which `make` enables for the test suites; the release
+/// image (`deploy/Dockerfile`: `cargo build --release`) has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 enum Failpoint {
     /// `crash_after_acks:N`: after outputs and changelog records are acknowledged (and the group
     /// commit), before the local state write.
@@ -1722,6 +1725,14 @@ enum Failpoint {
     CrashBeforeChangelog(u64),
 }
 
+/// Without the `failpoints` feature (the release binary) there are none: the crash hooks cannot be
+/// reached from the environment.
+#[cfg(not(feature = "failpoints"))]
+fn failpoint() -> anyhow::Result<Option<Failpoint>> {
+    Ok(None)
+}
+
+#[cfg(feature = "failpoints")]
 fn failpoint() -> anyhow::Result<Option<Failpoint>> {
     let Ok(v) = std::env::var("WAYMARK_FAILPOINT") else {
         return Ok(None);

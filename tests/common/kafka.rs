@@ -374,6 +374,8 @@ pub struct Got {
     pub key: Option<String>,
     pub value: Vec<u8>,
     pub headers: HashMap<String, String>,
+    /// The record's timestamp (CreateTime: when the producer sent it), epoch ms.
+    pub timestamp: Option<i64>,
 }
 
 impl Got {
@@ -474,6 +476,7 @@ impl Reader {
             partition: m.partition(),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: m.payload().unwrap_or(&[]).to_vec(),
+            timestamp: m.timestamp().to_millis(),
             headers,
         })
     }
