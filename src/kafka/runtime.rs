@@ -128,6 +128,11 @@ fn is_permanent(code: rdkafka::types::RDKafkaErrorCode) -> bool {
             | C::InvalidTopic
             | C::UnsupportedForMessageFormat
             | C::UnsupportedVersion
+            // Not acknowledged within message.timeout.ms (60 s): the process was cut off for longer
+            // than a group session (paused, partitioned), so it has most likely lost its
+            // partitions to another member. Redoing the batch here would make it a zombie: stop,
+            // and a restart rejoins the group.
+            | C::MessageTimedOut
     )
 }
 
