@@ -13,6 +13,9 @@ export WAYMARK_KAFKA_INPUT_TOPICS="demo-events-$suffix"
 export WAYMARK_TOPICS_ENTRIES="demo-entries-$suffix" WAYMARK_TOPICS_STEPS="demo-steps-$suffix"
 export WAYMARK_TOPICS_CONVERSIONS="demo-conversions-$suffix" WAYMARK_TOPICS_DLQ="demo-dlq-$suffix"
 export WAYMARK_TOPICS_ROUTE="demo-route-$suffix" WAYMARK_TOPICS_CHANGELOG="demo-changelog-$suffix"
+# The scenario is retimed to start now and spans four days of event time: let its later events in
+# (processing.max_future_ms would otherwise send events over a day ahead to the dead-letter topic).
+export WAYMARK_PROCESSING_MAX_FUTURE_MS=$((7 * 86400000))
 echo "== validating the journeys"
 "$bin" validate config/journeys
 echo "== starting waymark run (state in $run/state, log in $run/waymark.log)"
