@@ -4,12 +4,19 @@ use std::path::Path;
 use std::process::Command;
 
 fn waymark(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args(args)
+    waymark_env(args, &[])
+}
+
+/// Like [`waymark`], with these environment variables set (values may be any OS string).
+fn waymark_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waymark"));
+    cmd.args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("WAYMARK_TEST_BROKERS")
-        .output()
-        .unwrap();
+        .env_remove("WAYMARK_TEST_BROKERS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -273,25 +280,18 @@ fn client_properties_reach_the_clients_and_secrets_are_never_printed() {
     let state = tmp.path().join("state");
     // The mechanism comes from the environment (`__` for a dot); librdkafka refuses it by name,
     // which shows the properties reach the client.
-    let out = Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args([
+    let (code, out, err) = waymark_env(
+        &[
             "run",
             "--config",
             f.to_str().unwrap(),
             "--state-dir",
             state.to_str().unwrap(),
-        ])
-        .env("WAYMARK_KAFKA_PROPERTIES_SASL__MECHANISM", "NOPE")
-        .env_remove("WAYMARK_TEST_BROKERS")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &[("WAYMARK_KAFKA_PROPERTIES_SASL__MECHANISM", "NOPE".as_ref())],
     );
-    assert!(!out.status.success(), "{all}");
+    let all = format!("{out}{err}");
+    assert_ne!(code, 0, "{all}");
     assert!(all.contains("Unsupported SASL mechanism: NOPE"), "{all}");
     assert!(all.contains("sasl.password"), "the names are logged: {all}");
     assert!(
@@ -332,19 +332,17 @@ fn run_refuses_owned_client_properties_and_exactly_once_without_changelog() {
 #[test]
 fn run_refuses_a_waymark_variable_that_is_not_utf8() {
     use std::os::unix::ffi::OsStrExt;
-    let out = Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args(["run", "--brokers", "127.0.0.1:1"])
-        .env(
-            "WAYMARK_KAFKA_GROUP_ID",
-            std::ffi::OsStr::from_bytes(b"bad\xff\xfe"),
-        )
-        .env("SOME_OTHER_VAR", std::ffi::OsStr::from_bytes(b"\xff"))
-        .env_remove("WAYMARK_TEST_BROKERS")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = waymark_env(
+        &["run", "--brokers", "127.0.0.1:1"],
+        &[
+            (
+                "WAYMARK_KAFKA_GROUP_ID",
+                std::ffi::OsStr::from_bytes(b"bad\xff\xfe"),
+            ),
+            ("SOME_OTHER_VAR", std::ffi::OsStr::from_bytes(b"\xff")),
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("WAYMARK_KAFKA_GROUP_ID is not valid UTF-8"),
         "{err}"
