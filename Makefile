@@ -50,7 +50,7 @@ test: deps build broker ## Everything: lint, unit, golden, property and broker t
 	@# cores tansu then answers heartbeats late enough for members to lose their partitions.
 	WAYMARK_TEST_BROKERS=$(BROKERS) $(CARGO) test $(PROFILE) $(FEATURES) -- --test-threads 1
 
-chaos: deps build broker ## The chaos suite, full form (>= 200k events a scenario; about an hour): report lines on stderr and in .run/chaos-report.txt
+chaos: deps build broker ## The chaos suite, full form (200k events a scenario; see docs/reliability.md for what completed here and how long it took): report lines on stderr and in .run/chaos-report.txt
 	@mkdir -p .run
 	CHAOS_SCALE=full CHAOS_REPORT=$(CURDIR)/.run/chaos-report.txt WAYMARK_TEST_BROKERS=$(BROKERS) \
 	  $(CARGO) test $(PROFILE) $(FEATURES) --test chaos -- --nocapture --test-threads 1 $(CHAOS_TESTS)

@@ -5,6 +5,8 @@ set -euo pipefail
 brokers=${1:-127.0.0.1:9092}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${WAYMARK_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/waymark-target}/release/waymark}
+# Not a setting: `waymark run` refuses WAYMARK_* variables it does not know, so it must not see it.
+unset WAYMARK_BIN
 cd "$root"
 run=.run/demo-$(date +%s)
 mkdir -p "$run"

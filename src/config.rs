@@ -60,6 +60,10 @@ pub struct StateConfig {
     pub sync: bool,
     pub changelog: bool,
     pub changelog_min_compaction_lag_ms: u64,
+    /// Users whose decoded state one partition keeps in memory (0: no cache).
+    pub cache_max_users: usize,
+    /// Estimated bytes of decoded state one partition keeps in memory.
+    pub cache_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub fenced: IntCounter,
     pub changelog_records: IntCounter,
     pub restore_records: IntCounterVec,
+    pub changelog_corrupt: IntCounter,
     pub restore_seconds: GaugeVec,
     pub ready: IntGauge,
     pub ready_flag: AtomicBool,
@@ -158,6 +159,11 @@ impl Metrics {
                 "waymark_restore_records_total",
                 "Changelog records read while restoring a partition",
                 &["partition"],
+            ),
+            changelog_corrupt: counter(
+                &r,
+                "waymark_changelog_corrupt_records_total",
+                "Changelog records that could not be decoded while restoring (skipped)",
             ),
             restore_seconds,
 

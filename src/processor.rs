@@ -155,6 +155,57 @@ impl<S: Store> Processor<S> {
         self.engine = Engine::new(Arc::new(set)).with_limits(self.engine.limits());
     }
 
+    /// Forgets the journey versions no session is on any more: their stored definitions (meta
+    /// `journey/ID/VERSION`, deleted in the changelog too) and their compiled copies. Run when a
+    /// partition opens and after each reload, so an old version outlives its last session only
+    /// until the next of either. Costs one scan of the sessions, and none while every stored
+    /// version is a current one. Returns how many stored versions were deleted.
+    pub fn collect_versions(&mut self) -> Result<usize, StoreError> {
+        let journeys = self.engine.journeys().clone();
+        let stale_stored = self
+            .persisted
+            .iter()
+            .any(|(id, vs)| vs.iter().any(|v| !journeys.is_current(id, v)));
+        let older = journeys.all_versions().count() > journeys.journeys.len();
+        if !stale_stored && !older {
+            return Ok(0);
+        }
+        let mut used: HashSet<(String, String)> = HashSet::new();
+        self.state.all_sessions(&mut |_, s| {
+            used.insert((s.journey_id, s.version));
+            true
+        })?;
+        let in_use = |id: &str, v: &str| used.contains(&(id.to_string(), v.to_string()));
+        let mut deleted = 0;
+        let state = &mut self.state;
+        for (id, versions) in self.persisted.iter_mut() {
+            versions.retain(|v| {
+                let keep = in_use(id, v);
+                if !keep {
+                    state.stage(
+                        crate::store::Table::Meta,
+                        format!("{META_JOURNEY}{id}/{v}").into_bytes(),
+                        None,
+                    );
+                    deleted += 1;
+                }
+                keep
+            });
+        }
+        self.persisted.retain(|_, vs| !vs.is_empty());
+        if older {
+            let kept: Vec<Arc<Journey>> = journeys
+                .all_versions()
+                .filter(|j| !journeys.is_current(&j.id, &j.version) && in_use(&j.id, &j.version))
+                .cloned()
+                .collect();
+            let set = JourneySet::with_versions(journeys.journeys.clone(), kept)
+                .with_policies(journeys.policies().clone());
+            self.engine = Engine::new(Arc::new(set)).with_limits(self.engine.limits());
+        }
+        Ok(deleted)
+    }
+
     /// Ends every session of an archived journey (exit reason `archived`, at `at`).
     pub fn archive_sessions(&mut self, at: Millis, out: &mut Output) -> Result<(), StoreError> {
         let archived: HashSet<String> = self

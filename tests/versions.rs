@@ -150,3 +150,51 @@ fn paused_stops_entries_and_archived_ends_sessions() {
         "archived: no entry"
     );
 }
+
+/// Old versions do not pile up: once no session is on a version, `collect_versions` (run at each
+/// reload and partition open) deletes its stored definition and drops its compiled copy.
+#[test]
+fn versions_no_session_is_on_are_forgotten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let version = |j: Value| compile_journey("t.json", &j).unwrap().version;
+    let (old, new) = (version(v1()), version(v2("active")));
+    let stored = |p: &Processor<RocksStore>| -> Vec<String> {
+        let mut keys: Vec<String> = p
+            .state()
+            .meta_with_prefix("journey/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        keys
+    };
+    let mut p = open(tmp.path(), set(&[v1()]));
+    assert_eq!(run(&mut p, ev("Start", "u", 0)), ["u entry@w1"]);
+    p.set_journeys(set(&[v2("active")]));
+    assert_eq!(
+        p.collect_versions().unwrap(),
+        0,
+        "u is still on the old version"
+    );
+    assert!(p.engine().journeys().has_version("j", &old));
+    assert_eq!(run(&mut p, ev("Start", "w", 1)), ["w entry@w2"]);
+    let mut both = [format!("journey/j/{old}"), format!("journey/j/{new}")];
+    both.sort();
+    assert_eq!(stored(&p), both);
+    assert_eq!(
+        run(&mut p, ev("Go", "u", 2)),
+        ["u w1->x", "u exit:completed"]
+    );
+    assert_eq!(p.collect_versions().unwrap(), 1);
+    p.commit().unwrap();
+    assert_eq!(stored(&p), [format!("journey/j/{new}")]);
+    assert!(!p.engine().journeys().has_version("j", &old));
+    // The current version's session goes on.
+    assert_eq!(
+        run(&mut p, ev("Other", "w", 3)),
+        ["w w2->y", "w exit:completed"]
+    );
+    // Nothing stored beyond the current versions: no scan, nothing to do.
+    assert_eq!(p.collect_versions().unwrap(), 0);
+}

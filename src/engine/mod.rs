@@ -626,3 +626,5 @@ pub fn session_id(
 mod tests;
 #[cfg(test)]
 mod tests_controls;
+#[cfg(test)]
+mod tests_refusals;

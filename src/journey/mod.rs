@@ -406,6 +406,11 @@ impl JourneySet {
         self.versions.values().flat_map(|v| v.values())
     }
 
+    /// Whether `version` is the current version of journey `id`.
+    pub fn is_current(&self, id: &str, version: &str) -> bool {
+        self.get(id).is_some_and(|j| j.version == version)
+    }
+
     /// Whether this exact version is held.
     pub fn has_version(&self, id: &str, version: &str) -> bool {
         self.versions

@@ -29,6 +29,21 @@ use crate::store::{Batch, Put, Table};
 
 /// Header naming the writer of a changelog record.
 pub const HEADER_WRITER: &str = "waymark-writer";
+/// Header naming the consumer group (the deployment) of the writer.
+pub const HEADER_GROUP: &str = "waymark-group";
+
+/// Whether a changelog record written by `theirs` (its [`HEADER_GROUP`], if any) may be restored
+/// by a deployment of group `ours`. Records without the header (written before it existed) are
+/// accepted; a record of another group means two deployments share one changelog topic, whose
+/// sessions would mix: an error that says so.
+pub fn check_group(ours: &str, theirs: Option<&str>) -> Result<(), String> {
+    match theirs {
+        Some(g) if g != ours => Err(format!(
+            "it holds records written by consumer group {g:?}, and this is group {ours:?}: two deployments share one changelog topic. Give each its own `topics.changelog` (and `topics.route`); their defaults derive from `kafka.group_id`"
+        )),
+        _ => Ok(()),
+    }
+}
 /// Key prefix of markers (no store key starts with 0xff: table tags are ASCII).
 pub const MARKER_PREFIX: &[u8] = b"\xffwaymark-commit/";
 
@@ -338,5 +353,17 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn a_record_of_another_group_is_refused_with_what_to_do() {
+        assert!(check_group("prod", Some("prod")).is_ok());
+        assert!(
+            check_group("prod", None).is_ok(),
+            "records from before the header"
+        );
+        let e = check_group("prod", Some("staging")).unwrap_err();
+        assert!(e.contains("\"staging\"") && e.contains("\"prod\""), "{e}");
+        assert!(e.contains("topics.changelog"), "{e}");
     }
 }

@@ -251,6 +251,12 @@ const RECORD_HEADROOM: usize = 64 * 1024;
 /// exactly_once: transactions aborted in a row before the service gives up (a permanent error).
 const MAX_ABORTS_IN_ROW: u32 = 10;
 
+/// The pause after the n-th transaction aborted in a row (n >= 1): 200 ms doubling, at most 20 s,
+/// so the aborts that stop the service span about 85 s of a broker outage, not a second.
+fn abort_backoff(n: u32) -> Duration {
+    Duration::from_millis(200u64 << n.saturating_sub(1).min(7)).min(Duration::from_secs(20))
+}
+
 /// Whether a group commit error means this member has been replaced.
 fn is_fenced(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
@@ -334,13 +340,22 @@ impl Core {
                         last_progress = Instant::now();
                         next = m.offset() + 1;
                         counter.inc();
-                        let writer = header(&m, changelog::HEADER_WRITER).unwrap_or_default();
-                        let key = m.key().unwrap_or_default();
-                        let closed = replayer
-                            .feed(m.offset(), &writer, key, m.payload())
+                        let group = header(&m, changelog::HEADER_GROUP);
+                        changelog::check_group(&self.cfg.kafka.group_id, group.as_deref())
                             .map_err(|e| {
                                 anyhow!("changelog {topic}/{p} offset {}: {e}", m.offset())
                             })?;
+                        let writer = header(&m, changelog::HEADER_WRITER).unwrap_or_default();
+                        let key = m.key().unwrap_or_default();
+                        let closed = match replayer.feed(m.offset(), &writer, key, m.payload()) {
+                            Ok(closed) => closed,
+                            Err(e) => {
+                                // Not ours to repair: skipped, counted, said.
+                                self.metrics.changelog_corrupt.inc();
+                                warn!(partition = p, offset = m.offset(), error = %e, "restore: skipping a changelog record that cannot be decoded");
+                                None
+                            }
+                        };
                         if let Some(b) = closed {
                             batch.ops.extend(b.ops);
                             if batch.ops.len() >= 10_000 {
@@ -425,7 +440,12 @@ impl Core {
                     changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
                         .unwrap_or(0) as u64
                         + 1;
-                let mut proc = Processor::new(self.journeys.clone(), State::new(store)?)?;
+                let mut state = State::new(store)?;
+                state.set_cache_limits(
+                    self.cfg.state.cache_max_users,
+                    self.cfg.state.cache_max_bytes,
+                );
+                let mut proc = Processor::new(self.journeys.clone(), state)?;
                 proc.set_limits(crate::engine::Limits {
                     max_targets: self.cfg.processing.max_targets,
                     max_sessions_per_user: self.cfg.processing.max_sessions_per_user,
@@ -478,6 +498,7 @@ impl Core {
                 let now = self.clock.now_ms();
                 let part = self.parts.get_mut(p).expect("opened above");
                 part.proc.archive_sessions(now, &mut self.out)?;
+                part.proc.collect_versions()?;
                 self.publish(*p, None, false);
             }
             let part = self.parts.get_mut(p).expect("opened above");
@@ -1151,6 +1172,14 @@ impl Core {
             if let Err(e) = self.flush_and_check("outputs") {
                 return self.retry_batch(consumer, e);
             }
+            if self.failpoint == Some(Failpoint::FailOutputs(self.commits + 1)) {
+                self.failpoint = None;
+                warn!("failpoint fail_outputs: treating this batch's delivery as failed");
+                return self.retry_batch(
+                    consumer,
+                    anyhow!("failpoint fail_outputs: a transient delivery failure"),
+                );
+            }
         }
         let marked = self.send_changelog_markers();
         if self.eos && !self.commit_transaction(consumer)? {
@@ -1301,11 +1330,16 @@ impl Core {
             .filter(move |(_, part)| on && (part.claim || part.proc.state().staged() > 0))
     }
 
-    fn writer_header(part: &Part) -> OwnedHeaders {
-        OwnedHeaders::new().insert(Header {
-            key: changelog::HEADER_WRITER,
-            value: Some(&part.writer),
-        })
+    fn writer_header(&self, part: &Part) -> OwnedHeaders {
+        OwnedHeaders::new()
+            .insert(Header {
+                key: changelog::HEADER_WRITER,
+                value: Some(&part.writer),
+            })
+            .insert(Header {
+                key: changelog::HEADER_GROUP,
+                value: Some(&self.cfg.kafka.group_id),
+            })
     }
 
     /// Sends every staged change of every partition to the changelog. Until its marker follows,
@@ -1324,7 +1358,7 @@ impl Core {
                     Some(*p),
                     &k,
                     value,
-                    Some(Self::writer_header(part)),
+                    Some(self.writer_header(part)),
                     0,
                 );
                 sent += 1;
@@ -1343,7 +1377,7 @@ impl Core {
                 Some(*p),
                 &changelog::marker_key(&part.writer),
                 Some(&changelog::marker_value(part.epoch)),
-                Some(Self::writer_header(part)),
+                Some(self.writer_header(part)),
                 MARKER_OPAQUE | *p as usize,
             );
             marked.push(*p);
@@ -1436,8 +1470,10 @@ impl Core {
                 if self.aborts_in_row > MAX_ABORTS_IN_ROW {
                     bail!("{MAX_ABORTS_IN_ROW} transactions in a row aborted, the last with: {e}");
                 }
-                warn!(error = %e, "transaction aborted: dropping the batch and rewinding to the last committed offsets");
+                let backoff = abort_backoff(self.aborts_in_row);
+                warn!(error = %e, aborts_in_row = self.aborts_in_row, backoff_ms = backoff.as_millis() as u64, "transaction aborted: dropping the batch and rewinding to the last committed offsets");
                 self.rewind(consumer)?;
+                std::thread::sleep(backoff);
                 Ok(false)
             }
             Err((false, e)) => {
@@ -1533,6 +1569,14 @@ impl Core {
                     let part = self.parts.get_mut(&p).expect("listed");
                     part.proc.set_journeys(set.clone());
                     part.proc.archive_sessions(now, &mut self.out)?;
+                    let dropped = part.proc.collect_versions()?;
+                    if dropped > 0 {
+                        info!(
+                            partition = p,
+                            versions = dropped,
+                            "journey versions no session is on any more: forgotten"
+                        );
+                    }
                     self.publish(p, None, false);
                 }
                 info!(journeys = set.len(), "journeys reloaded");
@@ -1728,6 +1772,12 @@ enum Failpoint {
     /// `crash_before_changelog:N`: after the outputs are acknowledged, before any of the batch's
     /// changelog records is sent.
     CrashBeforeChangelog(u64),
+    /// `fail_outputs:N`: the N-th commit's outputs, once acknowledged, are treated as not
+    /// delivered (at_least_once): the batch is dropped, rewound and redone in-process, once.
+    FailOutputs(u64),
+    /// `drain_delay:MS`: on shutdown, waits MS milliseconds before draining (so a test can send
+    /// a second signal while the drain is under way).
+    DrainDelay(u64),
 }
 
 /// Without the `failpoints` feature (the release binary) there are none: the crash hooks cannot be
@@ -1749,7 +1799,13 @@ fn failpoint() -> anyhow::Result<Option<Failpoint>> {
     if let Some(n) = parse("crash_before_changelog:") {
         return Ok(Some(Failpoint::CrashBeforeChangelog(n)));
     }
-    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N and crash_before_changelog:N")
+    if let Some(n) = parse("fail_outputs:") {
+        return Ok(Some(Failpoint::FailOutputs(n)));
+    }
+    if let Some(ms) = parse("drain_delay:") {
+        return Ok(Some(Failpoint::DrainDelay(ms)));
+    }
+    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N, crash_before_changelog:N, fail_outputs:N and drain_delay:MS")
 }
 
 /// Runs the service until `shutdown` is set; returns after draining and committing.
@@ -1917,6 +1973,10 @@ pub fn run(
     info!("shutting down: finishing in-flight records");
     {
         let mut core = core.lock().expect("not poisoned");
+        if let Some(Failpoint::DrainDelay(ms)) = core.failpoint {
+            warn!(ms, "failpoint drain_delay: waiting before the drain");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         core.revoke_all(&consumer, false)?;
         core.producer.flush(Duration::from_secs(30)).ok();
     }
@@ -1925,4 +1985,18 @@ pub fn run(
     drop(consumer);
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aborted_transactions_back_off_until_the_service_stops() {
+        assert_eq!(abort_backoff(1), Duration::from_millis(200));
+        assert_eq!(abort_backoff(2), Duration::from_millis(400));
+        assert_eq!(abort_backoff(9), Duration::from_secs(20));
+        let before_stop: Duration = (1..=MAX_ABORTS_IN_ROW).map(abort_backoff).sum();
+        assert_eq!(before_stop, Duration::from_millis(85_400));
+    }
 }

@@ -6,9 +6,10 @@
 //! sessions are one prefix scan, timers indexed by due time, and metadata such as input offsets.
 //! Every change caused by one input is written in one [`Batch`].
 
+pub mod cache;
 pub mod rocks;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::engine::{Change, ChangeRef, History, Session, UserState};
 use crate::time::Millis;
@@ -243,9 +244,8 @@ pub struct State<S: Store> {
     pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 2],
     staged_ops: usize,
     /// Decoded sessions by user prefix, kept in step with every staged change, so a busy user's
-    /// sessions are read from the store once. Cleared whole when it outgrows its capacity.
-    cache: HashMap<Vec<u8>, UserState>,
-    cache_capacity: usize,
+    /// sessions are read from the store once. Bounded by users and bytes (see [`cache`]).
+    cache: cache::Cache,
     /// Pending timers by (due, application, user, journey, key): derived from the sessions (each
     /// holds its timer's due time), kept in memory and in step with every staged change.
     timers: BTreeSet<Vec<u8>>,
@@ -253,9 +253,6 @@ pub struct State<S: Store> {
     /// record of it would weigh).
     largest_write: usize,
 }
-
-/// Users whose sessions [`State`] keeps decoded in memory.
-pub const DEFAULT_CACHE_USERS: usize = 200_000;
 
 fn slot(t: Table) -> usize {
     match t {
@@ -271,8 +268,7 @@ impl<S: Store> State<S> {
             store,
             pending: Default::default(),
             staged_ops: 0,
-            cache: HashMap::new(),
-            cache_capacity: DEFAULT_CACHE_USERS,
+            cache: cache::Cache::default(),
             timers: BTreeSet::new(),
             largest_write: 0,
         };
@@ -329,10 +325,15 @@ impl<S: Store> State<S> {
         self.staged_ops += 1;
     }
 
-    /// Sets how many users' sessions are cached (0 turns the cache off).
-    pub fn set_cache_capacity(&mut self, users: usize) {
-        self.cache_capacity = users;
-        self.cache.clear();
+    /// Bounds the session cache: at most `users` users and `bytes` estimated bytes (0 users
+    /// turns it off).
+    pub fn set_cache_limits(&mut self, users: usize, bytes: usize) {
+        self.cache = cache::Cache::new(users, bytes);
+    }
+
+    /// Users and estimated bytes in the session cache now.
+    pub fn cache_size(&self) -> (usize, usize) {
+        (self.cache.len(), self.cache.bytes())
     }
 
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -415,12 +416,7 @@ impl<S: Store> State<S> {
             return Ok(hit.clone());
         }
         let out = self.read_user_state(&prefix)?;
-        if self.cache_capacity > 0 {
-            if self.cache.len() >= self.cache_capacity {
-                self.cache.clear();
-            }
-            self.cache.insert(prefix, out.clone());
-        }
+        self.cache.insert(prefix, out.clone());
         Ok(out)
     }
 
@@ -466,19 +462,13 @@ impl<S: Store> State<S> {
 
     /// Puts a user's state (as it is after the staged changes) back in the cache.
     pub fn return_user_state(&mut self, application: &str, user: &str, state: UserState) {
-        if self.cache_capacity == 0 {
-            return;
-        }
-        if self.cache.len() >= self.cache_capacity {
-            self.cache.clear();
-        }
         self.cache.insert(user_prefix(application, user), state);
     }
 
     /// Keeps a cached user's sessions in step with a staged change.
     fn cache_apply(&mut self, application: &str, session: &Session, deleted: bool) {
         let prefix = user_prefix(application, &session.user_id);
-        if let Some(state) = self.cache.get_mut(&prefix) {
+        self.cache.update(&prefix, |state| {
             let list = &mut state.sessions;
             let pos = list
                 .iter()
@@ -491,7 +481,7 @@ impl<S: Store> State<S> {
                 (None, false) => list.push(session.clone()),
                 (None, true) => {}
             }
-        }
+        });
     }
 
     /// Every session, in key order, with its application (for inspection and gauges).
@@ -626,9 +616,10 @@ impl<S: Store> State<S> {
                 let value = (!history.is_empty())
                     .then(|| serde_json::to_vec(history).expect("history always serialises"));
                 self.stage_raw(Table::Sessions, k, value);
-                if let Some(state) = self.cache.get_mut(&user_prefix(application, user_id)) {
-                    state.history = history.clone();
-                }
+                self.cache
+                    .update(&user_prefix(application, user_id), |state| {
+                        state.history = history.clone()
+                    });
                 None
             }
         }

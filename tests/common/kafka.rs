@@ -216,6 +216,22 @@ impl Instance {
         self.http("/readyz").is_some_and(|x| x.0 == 200)
     }
 
+    /// The status code of `GET /readyz`, if the endpoint answers.
+    pub fn readyz(&self) -> Option<u16> {
+        self.http("/readyz").map(|x| x.0)
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     pub fn healthy(&self) -> bool {
         self.http("/healthz").is_some_and(|x| x.0 == 200)
     }
@@ -599,4 +615,92 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Produces `events` in chunks spread evenly over `over`, on a thread of its own.
+pub fn produce_paced(
+    brokers: &str,
+    topic: &str,
+    events: &[serde_json::Value],
+    over: Duration,
+) -> std::thread::JoinHandle<()> {
+    let (brokers, topic, events) = (brokers.to_string(), topic.to_string(), events.to_vec());
+    std::thread::spawn(move || {
+        let p = producer_on(&brokers);
+        let started = Instant::now();
+        let chunks = (over.as_millis() / 250).max(1) as usize;
+        let size = events.len().div_ceil(chunks).max(1);
+        for (i, chunk) in events.chunks(size).enumerate() {
+            let due = started + over.mul_f64(i as f64 / chunks as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            send_events_with(&p, &topic, chunk);
+        }
+    })
+}
+
+/// A test's setup, on a broker of the test's own: topics, group and state directory unique to
+/// the test.
+pub fn setup(test: &str, journeys: &Path, partitions: i32) -> (tempfile::TempDir, Setup) {
+    own_broker();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let s = Setup {
+        names: Names::new(test),
+        journeys: journeys.to_path_buf(),
+        state,
+        partitions,
+        extra_env: Vec::new(),
+    };
+    (tmp, s)
+}
+
+/// Writes a journey definition into `dir` as `<id>.json`.
+pub fn write_journey(dir: &Path, j: &serde_json::Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.json", j["id"].as_str().unwrap())),
+        j.to_string(),
+    )
+    .unwrap();
+}
+
+/// Records read from the output topics, as JSON values.
+pub fn outputs(s: &Setup, at_least: usize, within: Duration) -> Vec<serde_json::Value> {
+    read_until(&s.names.outputs(), within, |g| g.len() >= at_least)
+        .iter()
+        .map(Got::json)
+        .collect()
+}
+
+/// A journey `id` of application `app`, entered on `event`, whose sessions wait for an event that
+/// never comes.
+pub fn waiting_journey(id: &str, event: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": id, "application": "app", "entry": {"event": event},
+        "steps": [{"id": "w", "type": "wait_for_trigger", "event": "Never"}]
+    })
+}
+
+/// The temporary directories of a test started by [`start_one`] (journeys, state, logs).
+pub type Dirs = (tempfile::TempDir, tempfile::TempDir);
+
+/// Writes `journeys` to a fresh directory, sets up a test with `partitions` partitions on a broker
+/// of its own, and starts instance `a`, ready. Returns the setup, the instance, the journeys
+/// directory and the directories to keep while the test runs.
+pub fn start_one(
+    test: &str,
+    journeys: &[serde_json::Value],
+    partitions: i32,
+) -> (Setup, Instance, PathBuf, Dirs) {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = tmp.path().join("journeys");
+    for j in journeys {
+        write_journey(&jdir, j);
+    }
+    let (state, s) = setup(test, &jdir, partitions);
+    let mut a = s.start("a");
+    a.wait_ready(Duration::from_secs(60));
+    (s, a, jdir, (tmp, state))
 }
