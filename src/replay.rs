@@ -71,6 +71,31 @@ pub fn replay(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<ReplayStats> {
+    let stats = run(
+        journeys,
+        opts,
+        &mut |o: &Output| {
+            for r in &o.records {
+                serde_json::to_writer(&mut *out, r)?;
+                out.write_all(b"\n")?;
+            }
+            Ok(())
+        },
+        err,
+    )?;
+    out.flush()?;
+    Ok(stats)
+}
+
+/// The engine over `opts.events`: hands what each input did (records, matched triggers, refusals)
+/// to `sink`, in order, and reports problems to `err`. `replay` and `backtest` are this with
+/// different sinks.
+pub fn run(
+    journeys: Arc<JourneySet>,
+    opts: &ReplayOptions,
+    sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>,
+    err: &mut dyn Write,
+) -> anyhow::Result<ReplayStats> {
     let started = Instant::now();
     let temp;
     let dir = match &opts.state {
@@ -200,11 +225,8 @@ pub fn replay(
             };
             proc.on_event(&ev, &owns_all, &mut output)?;
         }
-        for r in output.records.drain(..) {
-            stats.records += 1;
-            serde_json::to_writer(&mut *out, &r)?;
-            out.write_all(b"\n")?;
-        }
+        sink(&output)?;
+        stats.records += output.records.len() as u64;
         output.clear();
         since_commit += 1;
         if since_commit >= COMMIT_EVERY {
@@ -215,16 +237,13 @@ pub fn replay(
     }
     if let Some(until) = opts.until {
         proc.fire_due(until, &mut output)?;
-        for r in output.records.drain(..) {
-            stats.records += 1;
-            serde_json::to_writer(&mut *out, &r)?;
-            out.write_all(b"\n")?;
-        }
+        sink(&output)?;
+        stats.records += output.records.len() as u64;
+        output.clear();
     }
     stage_counters(&mut proc, clock, offset);
     proc.commit()?;
     proc.state().flush()?;
-    out.flush()?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
