@@ -12,6 +12,7 @@
 //! - [`store`]: the state store trait (sessions, timers, metadata, atomic batches) and RocksDB.
 //! - [`processor`]: the engine over a store: timers, session loading, staging, commits.
 //! - [`replay`]: `waymark replay`, the processor over a file of events.
+//! - [`backtest`]: `waymark backtest`, the same run counted as a funnel per journey.
 //! - [`inspect`]: `waymark inspect` (a user's sessions) and `waymark journeys` (the loaded set).
 //! - [`loadgen`]: synthetic journeys and events for benchmarks.
 //! - [`config`]: `waymark run` configuration: defaults, file, environment, flags.
@@ -23,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backtest;
 pub mod config;
 pub mod engine;
 pub mod event;

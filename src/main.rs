@@ -120,6 +120,36 @@ enum Command {
         #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
         max_event_bytes: usize,
     },
+    /// What journeys would have done on past events: a funnel per journey (entries, refusals,
+    /// each step reached and left, exits, conversions with holdout lift, actions per day).
+    Backtest {
+        /// The journeys directory.
+        #[arg(long, default_value = "config/journeys")]
+        journeys: PathBuf,
+        /// The events file (JSON lines, as for `replay`).
+        #[arg(long)]
+        events: PathBuf,
+        /// After the last event, fire timers due at or before this instant (RFC 3339).
+        #[arg(long, value_parser = parse_until)]
+        until: Option<i64>,
+        /// A second journeys directory: both run over the same events, side by side, with the
+        /// numbers that differ.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        /// Print the report as JSON (schema: docs/backtest.md).
+        #[arg(long)]
+        json: bool,
+        /// Keep state in this directory (RocksDB); default: a temporary one. With `--compare`,
+        /// `base` and `proposed` inside it.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Skip (and report) events further ahead than this of the latest event time read so far.
+        #[arg(long)]
+        max_future: Option<humantime::Duration>,
+        /// Lines longer than this many bytes are reported and skipped.
+        #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
+        max_event_bytes: usize,
+    },
     /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
     Inspect {
         /// A replay state directory, or the state root of `waymark run` (partition-N inside).
@@ -331,6 +361,26 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Backtest {
+            journeys,
+            events,
+            until,
+            compare,
+            json,
+            state,
+            max_future,
+            max_event_bytes,
+        } => {
+            let opts = ReplayOptions {
+                events,
+                until,
+                state,
+                progress: true,
+                max_future: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+                max_event_bytes,
+            };
+            backtest_command(journeys, compare, json, opts)
+        }
         Command::Replay {
             journeys,
             events,
@@ -387,6 +437,90 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `waymark backtest`: exit 0 with the report, 1 for invalid journeys, 2 when the run fails.
+fn backtest_command(
+    journeys: PathBuf,
+    compare: Option<PathBuf>,
+    json: bool,
+    opts: ReplayOptions,
+) -> ExitCode {
+    use waymark::backtest::{self, compare as cmp, render};
+    let load = |dir: &PathBuf| match load_dir(dir) {
+        Ok(s) => Ok(Arc::new(s)),
+        Err(e) => {
+            eprint!("{e}");
+            Err(ExitCode::from(1))
+        }
+    };
+    let run = |set, opts: &ReplayOptions| {
+        backtest::run_file(set, opts, &mut std::io::stderr()).map(|(r, _)| r)
+    };
+    let base_set = match load(&journeys) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let side = |name: &str| ReplayOptions {
+        state: opts.state.as_ref().map(|d| d.join(name)),
+        events: opts.events.clone(),
+        ..opts
+    };
+    let style = render::Style::for_stdout();
+    let result = match compare {
+        None => run(base_set, &opts).map(|r| {
+            if json {
+                serde_json::to_string_pretty(&r).expect("reports serialise") + "\n"
+            } else {
+                render::report(&r, style)
+            }
+        }),
+        Some(dir) => {
+            let proposed_set = match load(&dir) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            run(base_set, &side("base")).and_then(|base| {
+                let proposed = run(proposed_set, &side("proposed"))?;
+                let differences = cmp::differences(&base, &proposed);
+                Ok(if json {
+                    let c = cmp::Comparison {
+                        base,
+                        proposed,
+                        differences,
+                    };
+                    serde_json::to_string_pretty(&c).expect("reports serialise") + "\n"
+                } else {
+                    format!(
+                        "{}\n{}\n{}\n{}\n{}",
+                        style_heading(style, &format!("base: {}", journeys.display())),
+                        render::report(&base, style),
+                        style_heading(style, &format!("proposed: {}", dir.display())),
+                        render::report(&proposed, style),
+                        render::differences(&differences, style)
+                    )
+                })
+            })
+        }
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("waymark backtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn style_heading(style: waymark::backtest::render::Style, s: &str) -> String {
+    if style.colour {
+        format!("\x1b[1;4m{s}\x1b[0m")
+    } else {
+        format!("== {s}")
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Output {
     pub routed: Vec<EntryIntent>,
     pub refused: Vec<(String, Refusal)>,
     pub matched: Vec<String>,
+    /// Journeys whose entry event the input was.
+    pub triggered: Vec<String>,
     /// Timers fired, with their due times (for lateness).
     pub timers_fired: Vec<Millis>,
     /// Journeys of sessions held by quiet hours, and of sessions released (one per event).
@@ -36,6 +38,7 @@ impl Output {
         self.routed.clear();
         self.refused.clear();
         self.matched.clear();
+        self.triggered.clear();
         self.timers_fired.clear();
         self.held.clear();
         self.released.clear();
@@ -45,6 +48,7 @@ impl Output {
         self.records.append(&mut fx.records);
         self.refused.append(&mut fx.refused);
         self.matched.append(&mut fx.matched);
+        self.triggered.append(&mut fx.triggered);
         self.held.append(&mut fx.held);
         self.released.append(&mut fx.released);
     }

@@ -99,6 +99,9 @@ pub struct Effects {
     pub refused: Vec<(String, Refusal)>,
     /// Journeys whose trigger, wait, goal or exit criterion matched the input.
     pub matched: Vec<String>,
+    /// Journeys whose entry event the input is (before any condition): every trigger either
+    /// enters someone or is refused.
+    pub triggered: Vec<String>,
     /// Journeys of sessions held at an action step by quiet hours (one per hold).
     pub held: Vec<String>,
     /// Journeys of sessions released from a quiet-hours hold (one per release).
@@ -110,6 +113,7 @@ impl Effects {
         self.records.clear();
         self.refused.clear();
         self.matched.clear();
+        self.triggered.clear();
         self.held.clear();
         self.released.clear();
     }
@@ -334,6 +338,7 @@ impl Engine {
             let journey = &self.journeys.journeys[jx];
             let entry = &journey.entry;
             let refuse = |fx: &mut Effects, r: Refusal| fx.refused.push((journey.id.clone(), r));
+            fx.triggered.push(journey.id.clone());
             if !entry.conditions.eval(&ev.attributes) {
                 refuse(fx, Refusal::ConditionFalse);
                 continue;
