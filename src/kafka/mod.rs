@@ -150,7 +150,7 @@ pub async fn ensure_topics(
     compacted: &[Compacted<'_>],
 ) -> anyhow::Result<HashMap<String, i32>> {
     let timeout = Duration::from_secs(10);
-    let existing = topic_partitions(brokers, timeout)?;
+    let existing = patient_metadata(brokers).await?;
     let missing: Vec<&(String, i32)> = topics
         .iter()
         .filter(|(t, _)| !existing.contains_key(t))
@@ -189,7 +189,7 @@ pub async fn ensure_topics(
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let now = topic_partitions(brokers, timeout)?;
+        let now = patient_metadata(brokers).await?;
         if topics.iter().all(|(t, _)| now.contains_key(t)) {
             return Ok(now);
         }
@@ -205,11 +205,36 @@ pub async fn ensure_topics(
     }
 }
 
+/// Attempts of each metadata request at start, 10 s each: a broker that is still starting (or too
+/// busy to answer at once) gets a minute before `waymark run` gives up.
+const METADATA_ATTEMPTS: u32 = 6;
+
+/// A metadata request of `waymark run`'s start, retried: a broker that does not answer within
+/// 10 s is asked again (with a warning) up to [`METADATA_ATTEMPTS`] times.
+async fn patient_metadata(brokers: &str) -> anyhow::Result<HashMap<String, i32>> {
+    let mut attempt = 1;
+    loop {
+        match topic_partitions(brokers, Duration::from_secs(10)) {
+            Ok(t) => return Ok(t),
+            Err(e) if attempt < METADATA_ATTEMPTS => {
+                tracing::warn!(attempt, error = %format!("{e:#}"), "the brokers did not answer; asking again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "no answer from the brokers in {METADATA_ATTEMPTS} attempts of 10 s: is kafka.brokers right and reachable?"
+                )))
+            }
+        }
+    }
+}
+
 /// Creates what `waymark run` needs and checks co-partitioning: every input topic, the route
 /// topic and the changelog must have the same number of partitions. Returns that number.
 pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
     let brokers = &cfg.kafka.brokers;
-    let existing = topic_partitions(brokers, Duration::from_secs(10))?;
+    let existing = patient_metadata(brokers).await?;
     // New input/route topics take the partition count of an existing input topic, if any.
     let n = cfg
         .kafka

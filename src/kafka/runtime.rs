@@ -316,6 +316,13 @@ impl Core {
             ms = t0.elapsed().as_millis() as u64,
             "restore: changelog watermarks"
         );
+        if let Some(Failpoint::RestoreDelay(ms)) = self.failpoint {
+            warn!(
+                partition = p,
+                ms, "failpoint restore_delay: holding the restore"
+            );
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if from > high {
             return Ok(Restored::Ahead {
                 local: from,
@@ -1775,6 +1782,9 @@ enum Failpoint {
     /// `fail_outputs:N`: the N-th commit's outputs, once acknowledged, are treated as not
     /// delivered (at_least_once): the batch is dropped, rewound and redone in-process, once.
     FailOutputs(u64),
+    /// `restore_delay:MS`: each partition's restore waits MS milliseconds after reading the
+    /// changelog's end (so a test can look at the instance while it restores).
+    RestoreDelay(u64),
     /// `drain_delay:MS`: on shutdown, waits MS milliseconds before draining (so a test can send
     /// a second signal while the drain is under way).
     DrainDelay(u64),
@@ -1802,10 +1812,13 @@ fn failpoint() -> anyhow::Result<Option<Failpoint>> {
     if let Some(n) = parse("fail_outputs:") {
         return Ok(Some(Failpoint::FailOutputs(n)));
     }
+    if let Some(ms) = parse("restore_delay:") {
+        return Ok(Some(Failpoint::RestoreDelay(ms)));
+    }
     if let Some(ms) = parse("drain_delay:") {
         return Ok(Some(Failpoint::DrainDelay(ms)));
     }
-    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N, crash_before_changelog:N, fail_outputs:N and drain_delay:MS")
+    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N, crash_before_changelog:N, fail_outputs:N, restore_delay:MS and drain_delay:MS")
 }
 
 /// Runs the service until `shutdown` is set; returns after draining and committing.
