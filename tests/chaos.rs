@@ -278,6 +278,10 @@ struct Cluster<'a> {
     /// until its session expires and the group restarts that `drain` makes are allowed; in the
     /// others a stalled partition is a failure.
     stalls_allowed: bool,
+    /// Starts given up because the member was never assigned anything (tansu's coordinator left
+    /// its JoinGroup unanswered; the member is killed and started again past the session
+    /// timeout). A broker fault, reported, not failed.
+    join_retries: u32,
     logs: Vec<PathBuf>,
 }
 
@@ -306,6 +310,7 @@ impl<'a> Cluster<'a> {
             stall_restarts: 0,
             exits: Vec::new(),
             stalls_allowed: false,
+            join_retries: 0,
             logs: Vec::new(),
         }
     }
@@ -317,10 +322,21 @@ impl<'a> Cluster<'a> {
         self.members.insert(tag.to_string(), (i, Instant::now()));
     }
 
-    /// Starts `tag` and waits until it is ready.
+    /// Starts `tag` and waits until it is ready; a member tansu never assigns anything within
+    /// 120 s is killed and started again past the session timeout (counted in `join_retries`).
     fn start(&mut self, tag: &str) {
-        self.spawn(tag);
-        self.get(tag).wait_ready(secs(120));
+        for _ in 0..3 {
+            self.spawn(tag);
+            if self.get(tag).try_wait_ready(secs(120)) {
+                return;
+            }
+            eprintln!("chaos: {tag} was not assigned within 120 s; starting it again");
+            self.join_retries += 1;
+            let (i, _) = self.members.remove(tag).expect("just spawned");
+            i.kill9();
+            std::thread::sleep(session() + secs(2));
+        }
+        panic!("{tag}: not ready after three starts");
     }
 
     fn get(&mut self, tag: &str) -> &mut Instance {
@@ -475,7 +491,7 @@ impl<'a> Cluster<'a> {
         let line = format!(
             "chaos report: scenario={scenario} form={} events={events} expected={} outputs={} \
              lost={} unexpected={} duplicated={} restore={restore} stall_restarts={} exits={} \
-             wall={:.0}s",
+             join_retries={} wall={:.0}s",
             form(),
             t.expected,
             t.outputs,
@@ -484,6 +500,7 @@ impl<'a> Cluster<'a> {
             t.duplicated,
             self.stall_restarts,
             self.exits.len(),
+            self.join_retries,
             started.elapsed().as_secs_f64()
         );
         eprintln!("{line}");

@@ -245,6 +245,21 @@ impl Instance {
             .sum()
     }
 
+    /// Whether the instance became ready within `within` (panics if it exited).
+    pub fn try_wait_ready(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("waymark exited early ({status}):\n{}", self.log_text());
+            }
+            if self.ready() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
     pub fn wait_ready(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
