@@ -301,9 +301,19 @@ fn crash_and_restart(signal: &str) {
     // until its session times out; a fresh member then takes them).
     let mut got = Vec::new();
     let mut logs = String::new();
+    let mut unassigned = 0;
     for attempt in 0..4 {
         let mut b = s.start(&format!("b{attempt}"));
-        b.wait_ready(Duration::from_secs(60));
+        if !b.try_wait_ready(Duration::from_secs(90)) {
+            // tansu can leave a newcomer's JoinGroup unanswered after a crash under load (and
+            // its metadata requests over 10 s, measured here): as the chaos suite does, kill it,
+            // wait past the session timeout and start another. Counted and printed.
+            unassigned += 1;
+            logs = b.log_text();
+            b.kill9();
+            std::thread::sleep(Duration::from_secs(8));
+            continue;
+        }
         got = outputs(&s, expected.len(), Duration::from_secs(45));
         let distinct: HashSet<String> = got.iter().map(|v| v.to_string()).collect();
         let done = expected.iter().all(|e| distinct.contains(&e.to_string()));
@@ -321,7 +331,7 @@ fn crash_and_restart(signal: &str) {
     // comparing whole records. Count them for the log.
     let distinct: HashSet<String> = got.iter().map(|v| v.to_string()).collect();
     eprintln!(
-        "{signal}: {} expected, {} read, {} duplicates",
+        "{signal}: {} expected, {} read, {} duplicates, {unassigned} restarts not assigned in 90 s",
         expected.len(),
         got.len(),
         got.len() - distinct.len()
