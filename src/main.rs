@@ -24,6 +24,47 @@ struct Cli {
     command: Command,
 }
 
+/// The engine over a file of events: what `replay` and `backtest` share.
+#[derive(clap::Args)]
+struct FileRun {
+    /// The journeys directory.
+    #[arg(long, default_value = "config/journeys")]
+    journeys: PathBuf,
+    /// The events file (JSON lines).
+    #[arg(long)]
+    events: PathBuf,
+    /// After the last event, fire timers due at or before this instant (RFC 3339).
+    #[arg(long, value_parser = parse_until)]
+    until: Option<i64>,
+    /// Keep state in this directory (RocksDB) across runs; default: a temporary one.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Skip (and report) events further ahead than this (e.g. 1d) of the latest event time
+    /// read so far, as `processing.max_future_ms` does in `waymark run`.
+    #[arg(long)]
+    max_future: Option<humantime::Duration>,
+    /// Lines longer than this many bytes are reported and skipped.
+    #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
+    max_event_bytes: usize,
+}
+
+impl FileRun {
+    /// The journeys directory and the run's options.
+    fn split(self) -> (PathBuf, ReplayOptions) {
+        let opts = ReplayOptions {
+            events: self.events,
+            until: self.until,
+            state: self.state,
+            progress: true,
+            max_future: self
+                .max_future
+                .map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            max_event_bytes: self.max_event_bytes,
+        };
+        (self.journeys, opts)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the service: consume events, keep journey state, publish records.
@@ -94,44 +135,21 @@ enum Command {
     },
     /// Run the engine over a file of events (one JSON object a line), printing output records.
     Replay {
-        /// The journeys directory.
-        #[arg(long, default_value = "config/journeys")]
-        journeys: PathBuf,
-        /// The events file (JSON lines).
-        #[arg(long)]
-        events: PathBuf,
-        /// After the last event, fire timers due at or before this instant (RFC 3339).
-        #[arg(long, value_parser = parse_until)]
-        until: Option<i64>,
-        /// Keep state in this directory (RocksDB) across runs; default: a temporary one.
-        #[arg(long)]
-        state: Option<PathBuf>,
+        #[command(flatten)]
+        file: FileRun,
         /// Print a summary (lines, records, events/s) on stderr at the end.
         #[arg(long)]
         stats: bool,
         /// Print one readable line per record instead of its JSON.
         #[arg(long)]
         pretty: bool,
-        /// Skip (and report) events further ahead than this (e.g. 1d) of the latest event time
-        /// read so far, as `processing.max_future_ms` does in `waymark run`.
-        #[arg(long)]
-        max_future: Option<humantime::Duration>,
-        /// Lines longer than this many bytes are reported and skipped.
-        #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
-        max_event_bytes: usize,
     },
     /// What journeys would have done on past events: a funnel per journey (entries, refusals,
-    /// each step reached and left, exits, conversions with holdout lift, actions per day).
+    /// each step reached and left, exits, conversions with holdout lift, actions per day). With
+    /// `--compare`, `--state DIR` holds `base` and `proposed`.
     Backtest {
-        /// The journeys directory.
-        #[arg(long, default_value = "config/journeys")]
-        journeys: PathBuf,
-        /// The events file (JSON lines, as for `replay`).
-        #[arg(long)]
-        events: PathBuf,
-        /// After the last event, fire timers due at or before this instant (RFC 3339).
-        #[arg(long, value_parser = parse_until)]
-        until: Option<i64>,
+        #[command(flatten)]
+        file: FileRun,
         /// A second journeys directory: both run over the same events, side by side, with the
         /// numbers that differ.
         #[arg(long)]
@@ -139,16 +157,6 @@ enum Command {
         /// Print the report as JSON (schema: docs/backtest.md).
         #[arg(long)]
         json: bool,
-        /// Keep state in this directory (RocksDB); default: a temporary one. With `--compare`,
-        /// `base` and `proposed` inside it.
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Skip (and report) events further ahead than this of the latest event time read so far.
-        #[arg(long)]
-        max_future: Option<humantime::Duration>,
-        /// Lines longer than this many bytes are reported and skipped.
-        #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
-        max_event_bytes: usize,
     },
     /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
     Inspect {
@@ -362,49 +370,25 @@ fn main() -> ExitCode {
             }
         },
         Command::Backtest {
-            journeys,
-            events,
-            until,
+            file,
             compare,
             json,
-            state,
-            max_future,
-            max_event_bytes,
         } => {
-            let opts = ReplayOptions {
-                events,
-                until,
-                state,
-                progress: true,
-                max_future: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
-                max_event_bytes,
-            };
+            let (journeys, opts) = file.split();
             backtest_command(journeys, compare, json, opts)
         }
         Command::Replay {
-            journeys,
-            events,
-            until,
-            state,
+            file,
             stats,
             pretty,
-            max_future,
-            max_event_bytes,
         } => {
+            let (journeys, opts) = file.split();
             let set = match load_dir(&journeys) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     eprint!("{e}");
                     return ExitCode::from(1);
                 }
-            };
-            let opts = ReplayOptions {
-                events,
-                until,
-                state,
-                progress: true,
-                max_future: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
-                max_event_bytes,
             };
             let stdout = std::io::stdout();
             let buffered = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
