@@ -17,6 +17,9 @@ pub struct Metrics {
     pub matched: IntCounterVec,
     pub entries: IntCounterVec,
     pub steps: IntCounterVec,
+    pub funnel_triggers: IntCounterVec,
+    pub funnel_reached: IntCounterVec,
+    pub funnel_left: IntCounterVec,
     pub conversions: IntCounterVec,
     pub exits: IntCounterVec,
     pub refused: IntCounterVec,
@@ -40,6 +43,7 @@ pub struct Metrics {
     pub changelog_records: IntCounter,
     pub restore_records: IntCounterVec,
     pub changelog_corrupt: IntCounter,
+    pub changelog_interleaved: IntCounter,
     pub restore_seconds: GaugeVec,
     pub ready: IntGauge,
     pub ready_flag: AtomicBool,
@@ -165,6 +169,11 @@ impl Metrics {
                 "waymark_changelog_corrupt_records_total",
                 "Changelog records that could not be decoded while restoring (skipped)",
             ),
+            changelog_interleaved: counter(
+                &r,
+                "waymark_changelog_interleaved_total",
+                "Batches whose changelog records were found interleaved with another writer's (a zombie's, or a newer owner's): the partition was restored again from the changelog instead of writing the batch locally",
+            ),
             restore_seconds,
 
             events_consumed: counter_vec(
@@ -185,6 +194,27 @@ impl Metrics {
                 "waymark_steps_total",
                 "Step advances",
                 &["journey", "reason"],
+            ),
+            // The backtest's funnel, live (docs/backtest.md): labels are journey and step ids of
+            // the definitions and the contract's reasons, so their number is bounded by the
+            // journeys loaded.
+            funnel_triggers: counter_vec(
+                &r,
+                "waymark_funnel_triggers_total",
+                "Events that were a journey's entry event, before any check (the funnel's first stage)",
+                &["journey"],
+            ),
+            funnel_reached: counter_vec(
+                &r,
+                "waymark_funnel_reached_total",
+                "Sessions that arrived at a step (entered there or moved there)",
+                &["journey", "step"],
+            ),
+            funnel_left: counter_vec(
+                &r,
+                "waymark_funnel_left_total",
+                "Sessions that left a step, by reason (the exit after an action step without next counts once, as the action)",
+                &["journey", "step", "reason"],
             ),
             conversions: counter_vec(
                 &r,

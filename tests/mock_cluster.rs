@@ -158,6 +158,38 @@ impl Mock {
         p.flush(Duration::from_secs(10)).unwrap();
     }
 
+    /// Writes records to changelog partition `p` as other writers would: (writer, key, value).
+    fn write_changelog(&self, p: i32, log: &[(&str, Vec<u8>, Vec<u8>)]) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .create()
+            .unwrap();
+        for (writer, k, v) in log {
+            let h = OwnedHeaders::new().insert(Header {
+                key: HEADER_WRITER,
+                value: Some(*writer),
+            });
+            producer
+                .send(
+                    BaseRecord::to(CHANGELOG)
+                        .partition(p)
+                        .key(k)
+                        .payload(v)
+                        .headers(h),
+                )
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// A value of partition `p`'s local store (meta table), read while nothing else has it open.
+    fn stored_meta(&self, p: i32, key: &str) -> Option<Vec<u8>> {
+        let dir = self.state_dir().join(format!("partition-{p}"));
+        let state = State::new(RocksStore::open_read_only(&dir).unwrap()).unwrap();
+        state.get_meta(key).unwrap()
+    }
+
     /// Records on a topic (all partitions), aborted ones included (the mock keeps them).
     fn count(&self, topic: &str) -> i64 {
         let c: BaseConsumer = ClientConfig::new()
@@ -540,34 +572,17 @@ fn at_least_once_sends_a_changelog_marker_only_after_the_outputs_are_acknowledge
 /// its claim, so a committed record is the newest one again.
 #[test]
 fn a_new_owner_rewrites_the_keys_of_a_dead_writers_unfinished_batch() {
-    use rdkafka::message::{Header, OwnedHeaders};
     use waymark::kafka::changelog::{marker_key, marker_value, record_key};
     let m = Mock::new();
     let key = record_key(waymark::store::Table::Meta, b"test/k");
-    let p: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", m.brokers())
-        .create()
-        .unwrap();
-    let log: [(&str, Vec<u8>, Vec<u8>); 3] = [
-        ("w1", key.clone(), b"committed".to_vec()),
-        ("w1", marker_key("w1"), marker_value(1)),
-        ("w2", key.clone(), b"unfinished".to_vec()),
-    ];
-    for (writer, k, v) in &log {
-        let h = OwnedHeaders::new().insert(Header {
-            key: HEADER_WRITER,
-            value: Some(*writer),
-        });
-        p.send(
-            BaseRecord::to(CHANGELOG)
-                .partition(0)
-                .key(k)
-                .payload(v)
-                .headers(h),
-        )
-        .unwrap();
-    }
-    p.flush(Duration::from_secs(10)).unwrap();
+    m.write_changelog(
+        0,
+        &[
+            ("w1", key.clone(), b"committed".to_vec()),
+            ("w1", marker_key("w1"), marker_value(1)),
+            ("w2", key.clone(), b"unfinished".to_vec()),
+        ],
+    );
     let r = start(m.config(&[("WAYMARK_PROCESSING_GUARANTEE", "at_least_once")]));
     r.wait(Duration::from_secs(60), "ready", |r| {
         r.metrics.ready_flag.load(Ordering::SeqCst)
@@ -595,10 +610,111 @@ fn a_new_owner_rewrites_the_keys_of_a_dead_writers_unfinished_batch() {
             .any(|(w, k, _)| w == writer && *k == marker_key(writer)),
         "and committed by its marker"
     );
-    let store = RocksStore::open_read_only(&m.state_dir().join("partition-0")).unwrap();
-    let state = State::new(store).unwrap();
     assert_eq!(
-        state.get_meta("test/k").unwrap().as_deref(),
+        m.stored_meta(0, "test/k").as_deref(),
         Some(&b"committed"[..])
     );
+}
+
+/// at_least_once has no producer fence: a member paused past its session (a zombie) may write a
+/// batch after a newer owner claimed its partition. Its marker then does not sit right after its
+/// previous one. It must not write that batch to its local store as the changelog's next records:
+/// a later restore would start past the newer owner's records and never see them (the chaos
+/// zombie scenario lost records that way). It restores the partition again instead, finds the
+/// newer epoch, and gives the partition up.
+#[test]
+fn a_member_that_finds_a_newer_owners_claim_between_its_records_gives_the_partition_up() {
+    use waymark::kafka::changelog::{marker_key, marker_value, record_key, META_EPOCH};
+    let m = Mock::new();
+    let r = start(m.config(&[
+        ("WAYMARK_PROCESSING_GUARANTEE", "at_least_once"),
+        ("WAYMARK_PROCESSING_COMMIT_INTERVAL_MS", "100"),
+    ]));
+    r.wait(Duration::from_secs(60), "ready", |r| {
+        r.metrics.ready_flag.load(Ordering::SeqCst)
+    });
+    m.signups(0, 10);
+    r.wait(Duration::from_secs(30), "the first entries", |r| {
+        r.entries() >= 10
+    });
+    m.write_changelog(
+        0,
+        &[
+            (
+                "newer",
+                record_key(waymark::store::Table::Meta, b"test/newer"),
+                b"theirs".to_vec(),
+            ),
+            ("newer", marker_key("newer"), marker_value(1000)),
+        ],
+    );
+    m.signups(10, 60);
+    r.wait(Duration::from_secs(30), "partition 0 given up", |r| {
+        r.metrics.partitions_assigned.get() == 1
+    });
+    assert!(r.metrics.changelog_interleaved.get() >= 1);
+    assert!(r.metrics.fenced.get() >= 1, "counted as fenced");
+    r.stop().unwrap();
+    assert_eq!(
+        m.stored_meta(0, "test/newer").as_deref(),
+        Some(&b"theirs"[..]),
+        "the local store has the newer owner's records (a restore from it starts after them)"
+    );
+    assert_eq!(
+        m.stored_meta(0, META_EPOCH),
+        Some(1000u64.to_be_bytes().to_vec())
+    );
+}
+
+/// The owner's side of the same race: a zombie's late batch (an older epoch) lands between the
+/// owner's records. The owner restores the partition again, which leaves the zombie's batch out
+/// and keeps its own, claims it again and goes on: nothing lost, nothing of the zombie's applied.
+#[test]
+fn an_owner_that_finds_a_zombies_batch_between_its_records_restores_and_goes_on() {
+    use waymark::kafka::changelog::{marker_key, marker_value, record_key};
+    let m = Mock::new();
+    let r = start(m.config(&[
+        ("WAYMARK_PROCESSING_GUARANTEE", "at_least_once"),
+        ("WAYMARK_PROCESSING_COMMIT_INTERVAL_MS", "100"),
+    ]));
+    r.wait(Duration::from_secs(60), "ready", |r| {
+        r.metrics.ready_flag.load(Ordering::SeqCst)
+    });
+    m.signups(0, 10);
+    r.wait(Duration::from_secs(30), "the first entries", |r| {
+        r.entries() >= 10
+    });
+    m.write_changelog(
+        0,
+        &[
+            (
+                "zombie",
+                record_key(waymark::store::Table::Meta, b"test/zombie"),
+                b"stale".to_vec(),
+            ),
+            ("zombie", marker_key("zombie"), marker_value(0)),
+        ],
+    );
+    m.signups(10, 40);
+    r.wait(
+        Duration::from_secs(30),
+        "the batch after the zombie's",
+        |r| r.entries() >= 40 && r.metrics.changelog_interleaved.get() >= 1,
+    );
+    m.signups(40, 60);
+    r.wait(
+        Duration::from_secs(30),
+        "entries after the new claim",
+        |r| r.entries() >= 60,
+    );
+    assert_eq!(r.metrics.partitions_assigned.get(), 2, "both kept");
+    assert_eq!(r.metrics.fenced.get(), 0);
+    r.stop().unwrap();
+    assert_eq!(
+        m.stored_meta(0, "test/zombie"),
+        None,
+        "the zombie's batch is left out"
+    );
+    assert_eq!(m.sessions(), 60);
+    assert_eq!(m.stored_offsets(), 60);
 }

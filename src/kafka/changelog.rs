@@ -128,6 +128,9 @@ pub struct Restore {
     pub stats: RestoreStats,
     /// Keys (table, store key) written by dropped records: unfinished batches and zombies'.
     pub dropped: BTreeSet<(Table, Vec<u8>)>,
+    /// The changelog's end offset when the restore began: what it read to. The owner's next
+    /// record should land there if nobody else writes the partition.
+    pub end: i64,
 }
 
 /// Turns changelog records, in offset order, into local write batches.
@@ -207,6 +210,7 @@ impl Replayer {
         Restore {
             stats: self.stats,
             dropped: self.dropped,
+            end: 0,
         }
     }
 }

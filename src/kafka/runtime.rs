@@ -197,6 +197,13 @@ struct Part {
     claim: bool,
     /// The changelog offset the local store has reached (never goes backwards).
     changelog_next: i64,
+    /// Where this writer's next changelog record lands if nobody else writes the partition (the
+    /// restore's end, then one past each acknowledged marker), and how many records it has sent
+    /// since. A marker acknowledged anywhere else means another writer's records are in between
+    /// (a zombie's, or a newer owner's): the batch is not written locally and the partition is
+    /// restored again (see [`Core::reopen`]).
+    changelog_tail: i64,
+    changelog_sent: i64,
     /// `waymark_events_consumed_total` for each topic of this partition.
     consumed: HashMap<String, prometheus::IntCounter>,
     next: HashMap<String, i64>,
@@ -332,7 +339,10 @@ impl Core {
         let start = from.max(low);
         let mut replayer = changelog::Replayer::new(epoch);
         if start >= high {
-            return Ok(Restored::Done(replayer.finish()));
+            return Ok(Restored::Done(changelog::Restore {
+                end: high,
+                ..replayer.finish()
+            }));
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
@@ -391,7 +401,10 @@ impl Core {
         })();
         let _ = consumer.unassign();
         result?;
-        Ok(Restored::Done(replayer.finish()))
+        Ok(Restored::Done(changelog::Restore {
+            end: high,
+            ..replayer.finish()
+        }))
     }
 
     /// Opens a partition's store and restores it from the changelog, rebuilding it from scratch
@@ -422,6 +435,88 @@ impl Core {
         }
     }
 
+    /// Opens one partition's store, restores it from the changelog, and makes this member its
+    /// writer with the next epoch (the claim goes out with the next commit).
+    fn open_part(&mut self, p: i32) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (store, restored) = self.open_partition(p)?;
+        let restore_ms = started.elapsed().as_millis() as u64;
+        self.metrics
+            .restore_seconds
+            .with_label_values(&[&p.to_string()])
+            .set(started.elapsed().as_secs_f64());
+        let changelog_next =
+            changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
+                .unwrap_or(0);
+        let epoch = changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
+            .unwrap_or(0) as u64
+            + 1;
+        let mut state = State::new(store)?;
+        state.set_cache_limits(
+            self.cfg.state.cache_max_users,
+            self.cfg.state.cache_max_bytes,
+        );
+        let mut proc = Processor::new(self.journeys.clone(), state)?;
+        proc.set_limits(crate::engine::Limits {
+            max_targets: self.cfg.processing.max_targets,
+            max_sessions_per_user: self.cfg.processing.max_sessions_per_user,
+        });
+        // Keys whose newest changelog record was dropped (a dead writer's unfinished
+        // batch, a zombie's) get their restored value written again with the claim, so
+        // that compaction keeps a committed value for them.
+        let state = proc.state_mut();
+        for (table, key) in &restored.dropped {
+            let value = state.get(*table, key)?;
+            state.stage(*table, key.clone(), value);
+        }
+        let rewritten = restored.dropped.len();
+        let changelog_tail = restored.end;
+        let restored = restored.stats;
+        let mut active: HashMap<String, i64> = HashMap::new();
+        proc.state().all_sessions(&mut |_, s| {
+            *active.entry(s.journey_id).or_default() += 1;
+            true
+        })?;
+        for (j, n) in &active {
+            self.metrics.active_sessions.with_label_values(&[j]).add(*n);
+        }
+        info!(
+            partition = p,
+            sessions = active.values().sum::<i64>(),
+            restored_records = restored.records,
+            restored_batches = restored.batches,
+            dropped_stale_batches = restored.stale_batches,
+            dropped_unfinished_records = restored.unfinished,
+            rewritten_keys = rewritten,
+            epoch,
+            ms = restore_ms,
+            "partition state opened"
+        );
+        self.parts.insert(
+            p,
+            Part {
+                proc,
+                epoch,
+                writer: format!("{}-p{p}-e{epoch}", self.incarnation),
+                claim: self.restorer.is_some(),
+                changelog_next,
+                changelog_tail,
+                changelog_sent: 0,
+                next: HashMap::new(),
+                consumed: HashMap::new(),
+                dirty_offsets: false,
+                active,
+            },
+        );
+        // Sessions of journeys archived while this partition was elsewhere end now.
+        let now = self.clock.now_ms();
+        let part = self.parts.get_mut(&p).expect("opened above");
+        part.proc.archive_sessions(now, &mut self.out)?;
+        part.proc.collect_versions()?;
+        self.publish(p, None, false);
+        Ok(())
+    }
+
     /// Opens stores for the assigned partitions (restored from the changelog) and points each at
     /// the offset its store reached.
     fn assign(&mut self, tpl: &mut TopicPartitionList) -> anyhow::Result<()> {
@@ -433,80 +528,7 @@ impl Core {
         wanted.sort();
         for (topic, p) in &wanted {
             if !self.parts.contains_key(p) {
-                let started = Instant::now();
-                let (store, restored) = self.open_partition(*p)?;
-                let restore_ms = started.elapsed().as_millis() as u64;
-                self.metrics
-                    .restore_seconds
-                    .with_label_values(&[&p.to_string()])
-                    .set(started.elapsed().as_secs_f64());
-                let changelog_next =
-                    changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
-                        .unwrap_or(0);
-                let epoch =
-                    changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
-                        .unwrap_or(0) as u64
-                        + 1;
-                let mut state = State::new(store)?;
-                state.set_cache_limits(
-                    self.cfg.state.cache_max_users,
-                    self.cfg.state.cache_max_bytes,
-                );
-                let mut proc = Processor::new(self.journeys.clone(), state)?;
-                proc.set_limits(crate::engine::Limits {
-                    max_targets: self.cfg.processing.max_targets,
-                    max_sessions_per_user: self.cfg.processing.max_sessions_per_user,
-                });
-                // Keys whose newest changelog record was dropped (a dead writer's unfinished
-                // batch, a zombie's) get their restored value written again with the claim, so
-                // that compaction keeps a committed value for them.
-                let state = proc.state_mut();
-                for (table, key) in &restored.dropped {
-                    let value = state.get(*table, key)?;
-                    state.stage(*table, key.clone(), value);
-                }
-                let rewritten = restored.dropped.len();
-                let restored = restored.stats;
-                let mut active: HashMap<String, i64> = HashMap::new();
-                proc.state().all_sessions(&mut |_, s| {
-                    *active.entry(s.journey_id).or_default() += 1;
-                    true
-                })?;
-                for (j, n) in &active {
-                    self.metrics.active_sessions.with_label_values(&[j]).add(*n);
-                }
-                info!(
-                    partition = p,
-                    sessions = active.values().sum::<i64>(),
-                    restored_records = restored.records,
-                    restored_batches = restored.batches,
-                    dropped_stale_batches = restored.stale_batches,
-                    dropped_unfinished_records = restored.unfinished,
-                    rewritten_keys = rewritten,
-                    epoch,
-                    ms = restore_ms,
-                    "partition state opened"
-                );
-                self.parts.insert(
-                    *p,
-                    Part {
-                        proc,
-                        epoch,
-                        writer: format!("{}-p{p}-e{epoch}", self.incarnation),
-                        claim: self.restorer.is_some(),
-                        changelog_next,
-                        next: HashMap::new(),
-                        consumed: HashMap::new(),
-                        dirty_offsets: false,
-                        active,
-                    },
-                );
-                // Sessions of journeys archived while this partition was elsewhere end now.
-                let now = self.clock.now_ms();
-                let part = self.parts.get_mut(p).expect("opened above");
-                part.proc.archive_sessions(now, &mut self.out)?;
-                part.proc.collect_versions()?;
-                self.publish(*p, None, false);
+                self.open_part(*p)?;
             }
             let part = self.parts.get_mut(p).expect("opened above");
             let stored = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?);
@@ -989,8 +1011,43 @@ impl Core {
     fn publish(&mut self, p: i32, record_time: Option<Millis>, by_wall_clock: bool) {
         let mut out = std::mem::take(&mut self.out);
         let part = self.parts.get_mut(&p).expect("owned");
+        for j in &out.triggered {
+            self.metrics
+                .funnel_triggers
+                .with_label_values(&[j.as_str()])
+                .inc();
+        }
+        // The session whose action step without `next` was just left to nowhere: its exit
+        // record follows and is not counted as a second way out.
+        let mut left_to_nowhere: Option<&str> = None;
         for r in &out.records {
             let journey = r.journey_id();
+            match r {
+                Record::StepAdvance(m) | Record::JourneyExit(m) => {
+                    let exit = matches!(r, Record::JourneyExit(_));
+                    if !(exit && left_to_nowhere == Some(m.session_id.as_str())) {
+                        self.metrics
+                            .funnel_left
+                            .with_label_values(&[journey, &m.from, &m.reason])
+                            .inc();
+                    }
+                    if let Some(to) = &m.to {
+                        self.metrics
+                            .funnel_reached
+                            .with_label_values(&[journey, to])
+                            .inc();
+                    }
+                    left_to_nowhere = (!exit && m.to.is_none()).then_some(m.session_id.as_str());
+                }
+                Record::JourneyEntry(e) => {
+                    self.metrics
+                        .funnel_reached
+                        .with_label_values(&[journey, &e.step])
+                        .inc();
+                    left_to_nowhere = None;
+                }
+                Record::Conversion(_) => {}
+            }
             match r {
                 Record::JourneyEntry(_) => {
                     self.metrics.entries.with_label_values(&[journey]).inc();
@@ -1168,7 +1225,11 @@ impl Core {
                 std::process::abort();
             }
         }
-        self.send_changelog_changes();
+        for (p, n) in self.send_changelog_changes() {
+            if let Some(part) = self.parts.get_mut(&p) {
+                part.changelog_sent += n;
+            }
+        }
         // at_least_once: a marker makes its batch part of the partition's state for whoever
         // restores it next, so it goes out only once every output, routed record and dead letter
         // of the batch is acknowledged (the producer orders records per partition only: a marker
@@ -1189,6 +1250,11 @@ impl Core {
             }
         }
         let marked = self.send_changelog_markers();
+        for p in &marked {
+            if let Some(part) = self.parts.get_mut(p) {
+                part.changelog_sent += 1;
+            }
+        }
         if self.eos && !self.commit_transaction(consumer)? {
             return Ok(()); // aborted and rewound
         }
@@ -1242,6 +1308,7 @@ impl Core {
                 .lock()
                 .expect("not poisoned"),
         );
+        let mut interleaved = Vec::new();
         for (p, part) in self.parts.iter_mut() {
             if marked.contains(p) {
                 let Some(&offset) = markers.get(p) else {
@@ -1249,6 +1316,30 @@ impl Core {
                         "the changelog marker of partition {p} was acknowledged without an offset"
                     );
                 };
+                // at_least_once: this writer's records since its last marker should sit right
+                // after it. Anything else in between is another writer's: this member may be a
+                // zombie whose partition has a newer owner, or a zombie wrote into this owner's
+                // batch. Either way the local store cannot take the batch as if it were the
+                // changelog's next records (a later restore would start past the other writer's
+                // records and never see them): the partition is restored again instead.
+                // (exactly_once: transaction markers take offsets too; there the producer fence
+                // keeps zombies out.)
+                let expected = part.changelog_tail + part.changelog_sent - 1;
+                part.changelog_sent = 0;
+                if !self.eos && offset != expected {
+                    warn!(
+                        partition = p,
+                        marker_offset = offset,
+                        expected_offset = expected,
+                        "another writer's records are between this batch's changelog records: restoring the partition again from the changelog"
+                    );
+                    self.metrics.changelog_interleaved.inc();
+                    part.proc.discard()?;
+                    part.dirty_offsets = false;
+                    interleaved.push(*p);
+                    continue;
+                }
+                part.changelog_tail = offset + 1;
                 let next = offset + 1;
                 if next < part.changelog_next {
                     error!(
@@ -1277,6 +1368,72 @@ impl Core {
             .observe(t_state.elapsed().as_secs_f64());
         self.batch_inputs = 0;
         self.batch_started = Instant::now();
+        interleaved.sort();
+        for p in interleaved {
+            self.reopen(consumer, p)?;
+        }
+        Ok(())
+    }
+
+    /// Restores a partition again from the changelog, after another writer's records were found
+    /// between this writer's (see `changelog_tail`). The restore applies what any later restore
+    /// would: this member's batch if its epoch is still the highest, a zombie's never. If a newer
+    /// owner has claimed the partition (an epoch above this writer's), this member is the zombie:
+    /// it gives the partition up (the group takes it away at the next rebalance) and counts
+    /// itself fenced. Otherwise it claims the partition again with the next epoch and goes on
+    /// from the restored input offsets.
+    fn reopen(&mut self, consumer: &BaseConsumer<Ctx>, p: i32) -> anyhow::Result<()> {
+        let Some(old) = self.parts.remove(&p) else {
+            return Ok(());
+        };
+        for (j, n) in &old.active {
+            self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
+        }
+        let old_epoch = old.epoch;
+        let topics = old.next.clone();
+        old.proc.state().flush()?;
+        drop(old);
+        self.open_part(p)?;
+        let part = self.parts.get_mut(&p).expect("opened above");
+        if part.epoch - 1 > old_epoch {
+            warn!(
+                partition = p,
+                epoch = old_epoch,
+                newer_epoch = part.epoch - 1,
+                "a newer owner has claimed this partition: giving it up"
+            );
+            self.metrics.fenced.inc();
+            let part = self.parts.remove(&p).expect("opened above");
+            for (j, n) in &part.active {
+                self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
+            }
+            part.proc.state().flush()?;
+            self.metrics
+                .partitions_assigned
+                .set(self.parts.len() as i64);
+            // Its records are no longer this member's to read.
+            let mut tpl = TopicPartitionList::new();
+            for topic in topics.keys() {
+                tpl.add_partition(topic, p);
+            }
+            if let Err(e) = consumer.pause(&tpl) {
+                warn!(partition = p, error = %e, "pausing a partition given up");
+            }
+            return Ok(());
+        }
+        for (topic, consumed_to) in topics {
+            let next =
+                changelog::meta_i64(part.proc.state().get_meta(&offset_key(&topic))?).unwrap_or(0);
+            part.next.insert(topic.clone(), next);
+            // Inputs up to the restored offsets are in the restored state (later ones the
+            // consumer meets are skipped as applied); a restore behind what was consumed has the
+            // consumer read the rest again.
+            if next < consumed_to {
+                consumer
+                    .seek(&topic, p, Offset::Offset(next), Duration::from_secs(10))
+                    .map_err(|e| anyhow!("rewinding {topic}/{p} to {next}: {e}"))?;
+            }
+        }
         Ok(())
     }
 
@@ -1312,6 +1469,9 @@ impl Core {
                 self.incarnation, part.epoch, self.retries_total
             );
             part.claim = self.restorer.is_some();
+            // Whether any of them landed is unknown: counted as none, so if some did, the next
+            // marker is found out of place and the partition restored again (always safe).
+            part.changelog_sent = 0;
         }
         self.retries_total += 1;
         self.rewind(consumer)?;
@@ -1351,10 +1511,12 @@ impl Core {
 
     /// Sends every staged change of every partition to the changelog. Until its marker follows,
     /// a restore ignores them.
-    fn send_changelog_changes(&self) {
+    /// Returns how many records went to each partition.
+    fn send_changelog_changes(&self) -> Vec<(i32, i64)> {
         let topic = &self.cfg.topics.changelog;
-        let mut sent = 0u64;
+        let mut sent = Vec::new();
         for (p, part) in self.changelog_parts() {
+            let mut n = 0i64;
             for (table, key, value) in part.proc.state().pending() {
                 if changelog::is_local_meta(table, key) {
                     continue;
@@ -1368,10 +1530,14 @@ impl Core {
                     Some(self.writer_header(part)),
                     0,
                 );
-                sent += 1;
+                n += 1;
             }
+            sent.push((*p, n));
         }
-        self.metrics.changelog_records.inc_by(sent);
+        self.metrics
+            .changelog_records
+            .inc_by(sent.iter().map(|(_, n)| *n as u64).sum());
+        sent
     }
 
     /// Sends each partition's marker after its changes. Returns the partitions that wrote one.
