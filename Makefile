@@ -17,8 +17,8 @@ FEATURES := --features failpoints
 help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-deps: ## Install the system packages the build needs (Debian; run as root)
-	@missing=""; for p in cmake clang libclang-dev libcurl4-openssl-dev pkg-config build-essential; do \
+deps: ## Install the system packages the build and tests need (Debian; run as root; chromium for the HTML report test)
+	@missing=""; for p in cmake clang libclang-dev libcurl4-openssl-dev pkg-config build-essential chromium; do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -24,15 +24,12 @@ struct Cli {
     command: Command,
 }
 
-/// The engine over a file of events: what `replay` and `backtest` share.
+/// How the engine runs over past events: what `replay` and `backtest` share.
 #[derive(clap::Args)]
-struct FileRun {
+struct EngineRun {
     /// The journeys directory.
     #[arg(long, default_value = "config/journeys")]
     journeys: PathBuf,
-    /// The events file (JSON lines).
-    #[arg(long)]
-    events: PathBuf,
     /// After the last event, fire timers due at or before this instant (RFC 3339).
     #[arg(long, value_parser = parse_until)]
     until: Option<i64>,
@@ -43,16 +40,26 @@ struct FileRun {
     /// read so far, as `processing.max_future_ms` does in `waymark run`.
     #[arg(long)]
     max_future: Option<humantime::Duration>,
-    /// Lines longer than this many bytes are reported and skipped.
+    /// Events longer than this many bytes are reported and skipped.
     #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
 }
 
-impl FileRun {
+/// The engine over a file of events.
+#[derive(clap::Args)]
+struct FileRun {
+    #[command(flatten)]
+    engine: EngineRun,
+    /// The events file (JSON lines).
+    #[arg(long)]
+    events: PathBuf,
+}
+
+impl EngineRun {
     /// The journeys directory and the run's options.
-    fn split(self) -> (PathBuf, ReplayOptions) {
+    fn split(self, events: PathBuf) -> (PathBuf, ReplayOptions) {
         let opts = ReplayOptions {
-            events: self.events,
+            events,
             until: self.until,
             state: self.state,
             progress: true,
@@ -63,6 +70,41 @@ impl FileRun {
         };
         (self.journeys, opts)
     }
+}
+
+impl FileRun {
+    fn split(self) -> (PathBuf, ReplayOptions) {
+        self.engine.split(self.events)
+    }
+}
+
+/// Where a backtest reads its events: a file, or a time range of Kafka topics.
+#[derive(clap::Args)]
+struct BacktestSource {
+    /// The events file (JSON lines).
+    #[arg(long, required_unless_present = "brokers", conflicts_with = "brokers")]
+    events: Option<PathBuf>,
+    /// Read the events from these Kafka brokers instead (read only: no group, no commits, nothing
+    /// produced).
+    #[arg(long, requires_all = ["topics", "from", "to"])]
+    brokers: Option<String>,
+    /// The topics to read (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "brokers")]
+    topics: Vec<String>,
+    /// The first record time to read (RFC 3339): offsets are looked up by time.
+    #[arg(long, value_parser = parse_until, requires = "brokers")]
+    from: Option<i64>,
+    /// Read records stamped before this time (RFC 3339); `--until` defaults to it.
+    #[arg(long, value_parser = parse_until, requires = "brokers")]
+    to: Option<i64>,
+    /// A waymark config file whose Kafka client properties (`[kafka.properties]`: TLS, SASL)
+    /// the reader uses.
+    #[arg(long, requires = "brokers")]
+    config: Option<PathBuf>,
+    /// Only read the range and print how many records it holds and how fast they came, without
+    /// running the journeys (the baseline a backtest from Kafka is measured against).
+    #[arg(long, requires = "brokers")]
+    consume_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -149,7 +191,9 @@ enum Command {
     /// `--compare`, `--state DIR` holds `base` and `proposed`.
     Backtest {
         #[command(flatten)]
-        file: FileRun,
+        engine: EngineRun,
+        #[command(flatten)]
+        source: BacktestSource,
         /// A second journeys directory: both run over the same events, side by side, with the
         /// numbers that differ.
         #[arg(long)]
@@ -157,6 +201,12 @@ enum Command {
         /// Print the report as JSON (schema: docs/backtest.md).
         #[arg(long)]
         json: bool,
+        /// Also write the report as a self-contained HTML page (SVG funnels) to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Print a summary (inputs, records, events/s) on stderr at the end.
+        #[arg(long)]
+        stats: bool,
     },
     /// Print a user's sessions (journey, step, identifier, context, timer) as JSON.
     Inspect {
@@ -370,13 +420,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Backtest {
-            file,
+            engine,
+            source,
             compare,
             json,
-        } => {
-            let (journeys, opts) = file.split();
-            backtest_command(journeys, compare, json, opts)
-        }
+            html,
+            stats,
+        } => backtest_command(engine, source, compare, json, html, stats),
         Command::Replay {
             file,
             stats,
@@ -426,12 +476,32 @@ fn main() -> ExitCode {
 
 /// `waymark backtest`: exit 0 with the report, 1 for invalid journeys, 2 when the run fails.
 fn backtest_command(
-    journeys: PathBuf,
+    engine: EngineRun,
+    source: BacktestSource,
     compare: Option<PathBuf>,
     json: bool,
-    opts: ReplayOptions,
+    html: Option<PathBuf>,
+    stats: bool,
 ) -> ExitCode {
-    use waymark::backtest::{self, compare as cmp, render};
+    let started = std::time::Instant::now();
+    use waymark::backtest::{self, compare as cmp, kafka, render};
+    let read_from = match (&source.events, &source.brokers) {
+        (Some(f), _) => f.display().to_string(),
+        (None, Some(b)) => format!(
+            "{} on {b}, {} to {}",
+            source.topics.join(","),
+            source
+                .from
+                .map(waymark::time::format_millis)
+                .unwrap_or_default(),
+            source
+                .to
+                .map(waymark::time::format_millis)
+                .unwrap_or_default()
+        ),
+        (None, None) => String::new(),
+    };
+    let (journeys, opts) = engine.split(source.events.clone().unwrap_or_default());
     let load = |dir: &PathBuf| match load_dir(dir) {
         Ok(s) => Ok(Arc::new(s)),
         Err(e) => {
@@ -439,65 +509,157 @@ fn backtest_command(
             Err(ExitCode::from(1))
         }
     };
-    let run = |set, opts: &ReplayOptions| {
-        backtest::run_file(set, opts, &mut std::io::stderr()).map(|(r, _)| r)
-    };
-    let base_set = match load(&journeys) {
+    let mut sides = vec![match load(&journeys) {
         Ok(s) => s,
         Err(c) => return c,
+    }];
+    if let Some(dir) = &compare {
+        match load(dir) {
+            Ok(s) => sides.push(s),
+            Err(c) => return c,
+        }
+    }
+    // With --compare, each side keeps its state under --state/base and --state/proposed.
+    let until = opts.until;
+    let side_opts: Vec<ReplayOptions> = if compare.is_some() {
+        ["base", "proposed"]
+            .iter()
+            .map(|name| ReplayOptions {
+                state: opts.state.as_ref().map(|d| d.join(name)),
+                events: opts.events.clone(),
+                ..opts
+            })
+            .collect()
+    } else {
+        vec![opts]
     };
-    let side = |name: &str| ReplayOptions {
-        state: opts.state.as_ref().map(|d| d.join(name)),
-        events: opts.events.clone(),
-        ..opts
+    let sides: Vec<_> = sides.into_iter().zip(side_opts).collect();
+    let reports = match &source.brokers {
+        None => sides
+            .into_iter()
+            .map(|(set, o)| backtest::run_file(set, &o, &mut std::io::stderr()).map(|(r, _)| r))
+            .collect::<anyhow::Result<Vec<_>>>(),
+        Some(brokers) => {
+            if let Some(file) = &source.config {
+                let cfg = match waymark::config::load(Some(file), Vec::new(), &[]) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprint!("waymark backtest: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                match cfg.client_properties() {
+                    Ok(props) => waymark::kafka::set_client_properties(props),
+                    Err(e) => {
+                        eprint!("waymark backtest: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let range = kafka::Range {
+                brokers: brokers.clone(),
+                topics: source.topics.clone(),
+                from: source.from.expect("clap requires --from"),
+                to: source.to.expect("clap requires --to"),
+                progress: true,
+            };
+            if source.consume_only {
+                let mut bytes = 0u64;
+                return match kafka::read(&range, &mut |r| {
+                    bytes += r.value.len() as u64;
+                    Ok(())
+                }) {
+                    Ok(s) => {
+                        println!(
+                            "consume only: {} records ({bytes} bytes) from {} partitions in {:.3} s: {:.0} records/s",
+                            s.records,
+                            s.partitions,
+                            s.seconds,
+                            s.records as f64 / s.seconds.max(1e-9)
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("waymark backtest: {e:#}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
+            backtest::run_kafka(sides, &range, until, &mut std::io::stderr()).map(|(r, _)| r)
+        }
     };
+    let mut reports = match reports {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("waymark backtest: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(path) = &html {
+        let title = format!("waymark backtest: {} over {read_from}", journeys.display());
+        let page = match &compare {
+            None => backtest::html::page(&title, &[("", &reports[0])], None),
+            Some(_) => {
+                let d = cmp::differences(&reports[0], &reports[1]);
+                backtest::html::page(
+                    &title,
+                    &[("base", &reports[0]), ("proposed", &reports[1])],
+                    Some(&d),
+                )
+            }
+        };
+        if let Err(e) = std::fs::write(path, page) {
+            eprintln!("waymark backtest: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if stats {
+        let secs = started.elapsed().as_secs_f64();
+        let r = &reports[0];
+        eprintln!(
+            "backtest: {} inputs ({} malformed), {} records, {} journey set(s) in {secs:.3} s: {:.0} events/s",
+            r.lines,
+            r.malformed,
+            r.records,
+            reports.len(),
+            r.lines as f64 / secs.max(1e-9)
+        );
+    }
     let style = render::Style::for_stdout();
-    let result = match compare {
-        None => run(base_set, &opts).map(|r| {
+    let text = match compare {
+        None => {
+            let r = reports.remove(0);
             if json {
                 serde_json::to_string_pretty(&r).expect("reports serialise") + "\n"
             } else {
                 render::report(&r, style)
             }
-        }),
+        }
         Some(dir) => {
-            let proposed_set = match load(&dir) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
-            run(base_set, &side("base")).and_then(|base| {
-                let proposed = run(proposed_set, &side("proposed"))?;
-                let differences = cmp::differences(&base, &proposed);
-                Ok(if json {
-                    let c = cmp::Comparison {
-                        base,
-                        proposed,
-                        differences,
-                    };
-                    serde_json::to_string_pretty(&c).expect("reports serialise") + "\n"
-                } else {
-                    format!(
-                        "{}\n{}\n{}\n{}\n{}",
-                        style_heading(style, &format!("base: {}", journeys.display())),
-                        render::report(&base, style),
-                        style_heading(style, &format!("proposed: {}", dir.display())),
-                        render::report(&proposed, style),
-                        render::differences(&differences, style)
-                    )
-                })
-            })
+            let proposed = reports.pop().expect("two sides");
+            let base = reports.pop().expect("two sides");
+            let differences = cmp::differences(&base, &proposed);
+            if json {
+                let c = cmp::Comparison {
+                    base,
+                    proposed,
+                    differences,
+                };
+                serde_json::to_string_pretty(&c).expect("reports serialise") + "\n"
+            } else {
+                format!(
+                    "{}\n{}\n{}\n{}\n{}",
+                    style_heading(style, &format!("base: {}", journeys.display())),
+                    render::report(&base, style),
+                    style_heading(style, &format!("proposed: {}", dir.display())),
+                    render::report(&proposed, style),
+                    render::differences(&differences, style)
+                )
+            }
         }
     };
-    match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("waymark backtest: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    print!("{text}");
+    ExitCode::SUCCESS
 }
 
 fn style_heading(style: waymark::backtest::render::Style, s: &str) -> String {

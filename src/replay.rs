@@ -87,6 +87,211 @@ pub fn replay(
     Ok(stats)
 }
 
+/// Where an input came from: what stands in for a missing `timestamp` and `eventId`, and how
+/// problems with it are reported.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// Line `n` of a file: a missing timestamp is the latest event time read so far, a missing
+    /// eventId is `replay/0/N` (N counts the inputs read with this state).
+    Line(u64),
+    /// A Kafka record: its timestamp and `topic/partition/offset` stand in, as in `waymark run`.
+    Record {
+        topic: &'a str,
+        partition: i32,
+        offset: i64,
+        time: Option<Millis>,
+    },
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Line(n) => write!(f, "line {n}"),
+            Origin::Record {
+                topic,
+                partition,
+                offset,
+                ..
+            } => write!(f, "{topic}/{partition} offset {offset}"),
+        }
+    }
+}
+
+/// The engine over a stream of inputs as `replay` and `backtest` run it: one store, one event
+/// clock, timers by event time. Each input's [`Output`] goes to the sink in order.
+pub struct Feed {
+    proc: Processor<RocksStore>,
+    clock: Option<Millis>,
+    offset: u64,
+    since_commit: u64,
+    output: Output,
+    max_future: Option<Millis>,
+    max_event_bytes: usize,
+    started: Instant,
+    pub stats: ReplayStats,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Feed {
+    /// Opens the state (`opts.state`, or a temporary directory removed when the feed is dropped).
+    pub fn open(journeys: Arc<JourneySet>, opts: &ReplayOptions) -> anyhow::Result<Feed> {
+        let started = Instant::now();
+        let (dir, temp) = match &opts.state {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("waymark-replay-")
+                    .tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let store = RocksStore::open(&dir, false)?;
+        let state = State::new(store)?;
+        let clock: Option<Millis> = read_u64(&state, META_CLOCK)?;
+        let offset: u64 = read_u64(&state, META_OFFSET)?.unwrap_or(0) as u64;
+        Ok(Feed {
+            proc: Processor::new(journeys, state)?,
+            clock,
+            offset,
+            since_commit: 0,
+            output: Output::default(),
+            max_future: opts.max_future,
+            max_event_bytes: opts.max_event_bytes,
+            started,
+            stats: ReplayStats::default(),
+            _temp: temp,
+        })
+    }
+
+    /// Applies one input. A malformed one is counted, reported to `err` and skipped.
+    pub fn input(
+        &mut self,
+        origin: Origin<'_>,
+        bytes: &[u8],
+        sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>,
+        err: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        self.stats.lines += 1;
+        let my_offset = self.offset;
+        self.offset += 1;
+        if bytes.len() > self.max_event_bytes {
+            self.stats.malformed += 1;
+            writeln!(
+                err,
+                "{origin}: oversize: {} bytes, the limit is {} (--max-event-bytes)",
+                bytes.len(),
+                self.max_event_bytes
+            )?;
+            return Ok(());
+        }
+        // An input that is not UTF-8 is malformed like any other: reported and skipped.
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                self.stats.malformed += 1;
+                writeln!(err, "{origin}: not valid UTF-8 ({e})")?;
+                return Ok(());
+            }
+        };
+        let raw = match RawEvent::decode_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.malformed += 1;
+                writeln!(err, "{origin}: {e}")?;
+                return Ok(());
+            }
+        };
+        let stand_in = match origin {
+            Origin::Record { time, .. } => time.or(self.clock),
+            Origin::Line(_) => self.clock,
+        };
+        let time = match raw.timestamp().or(stand_in) {
+            Some(t) => t,
+            None => {
+                self.stats.malformed += 1;
+                writeln!(
+                    err,
+                    "{origin}: no timestamp, and no earlier event to take the time from"
+                )?;
+                return Ok(());
+            }
+        };
+        if let (Some(limit), Some(c)) = (self.max_future, self.clock) {
+            if time > c.saturating_add(limit) {
+                self.stats.malformed += 1;
+                writeln!(
+                    err,
+                    "{origin}: timestamp in the future: {} is more than --max-future ahead of the latest event time ({})",
+                    crate::time::format_millis(time),
+                    crate::time::format_millis(c)
+                )?;
+                return Ok(());
+            }
+        }
+        self.clock = Some(self.clock.map_or(time, |c| c.max(time)));
+        if self
+            .proc
+            .engine()
+            .journeys()
+            .interest(raw.application(), raw.name())
+            .is_none()
+        {
+            self.proc.fire_due(time, &mut self.output)?;
+        } else {
+            let default_id = || match origin {
+                Origin::Line(_) => format!("replay/0/{my_offset}"),
+                Origin::Record {
+                    topic,
+                    partition,
+                    offset,
+                    ..
+                } => format!("{topic}/{partition}/{offset}"),
+            };
+            let ev = match raw.into_event(Some(time), default_id) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    writeln!(err, "{origin}: {e}")?;
+                    return Ok(());
+                }
+            };
+            self.proc.on_event(&ev, &|_: &str| true, &mut self.output)?;
+        }
+        self.emit(sink)?;
+        self.since_commit += 1;
+        if self.since_commit >= COMMIT_EVERY {
+            stage_counters(&mut self.proc, self.clock, self.offset);
+            self.proc.commit()?;
+            self.since_commit = 0;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        sink(&self.output)?;
+        self.stats.records += self.output.records.len() as u64;
+        self.output.clear();
+        Ok(())
+    }
+
+    /// Fires the timers due by `until` (if given), commits the state and returns the counts.
+    pub fn finish(
+        mut self,
+        until: Option<Millis>,
+        sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>,
+    ) -> anyhow::Result<ReplayStats> {
+        if let Some(until) = until {
+            self.proc.fire_due(until, &mut self.output)?;
+            self.emit(sink)?;
+        }
+        stage_counters(&mut self.proc, self.clock, self.offset);
+        self.proc.commit()?;
+        self.proc.state().flush()?;
+        self.stats.seconds = self.started.elapsed().as_secs_f64();
+        Ok(self.stats)
+    }
+}
+
 /// The engine over `opts.events`: hands what each input did (records, matched triggers, refusals)
 /// to `sink`, in order, and reports problems to `err`. `replay` and `backtest` are this with
 /// different sinks.
@@ -96,23 +301,7 @@ pub fn run(
     sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>,
     err: &mut dyn Write,
 ) -> anyhow::Result<ReplayStats> {
-    let started = Instant::now();
-    let temp;
-    let dir = match &opts.state {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("waymark-replay-")
-                .tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let store = RocksStore::open(&dir, false)?;
-    let state = State::new(store)?;
-    let mut clock: Option<Millis> = read_u64(&state, META_CLOCK)?;
-    let mut offset: u64 = read_u64(&state, META_OFFSET)?.unwrap_or(0) as u64;
-    let mut proc = Processor::new(journeys.clone(), state)?;
-
+    let mut feed = Feed::open(journeys, opts)?;
     let file = std::fs::File::open(&opts.events)
         .with_context(|| format!("cannot open events file {}", opts.events.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -129,11 +318,7 @@ pub fn run(
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut line: Vec<u8> = Vec::new();
     let mut line_no: u64 = 0;
-    let mut stats = ReplayStats::default();
-    let mut output = Output::default();
-    let mut since_commit = 0u64;
     let mut read_bytes = 0u64;
-    let owns_all = |_: &str| true;
     loop {
         line.clear();
         let n = reader
@@ -153,101 +338,12 @@ pub fn run(
         if bytes.trim_ascii().is_empty() {
             continue;
         }
-        stats.lines += 1;
-        let my_offset = offset;
-        offset += 1;
-        if bytes.len() > opts.max_event_bytes {
-            stats.malformed += 1;
-            writeln!(
-                err,
-                "line {line_no}: oversize: {} bytes, the limit is {} (--max-event-bytes)",
-                bytes.len(),
-                opts.max_event_bytes
-            )?;
-            continue;
-        }
-        // A line that is not UTF-8 is malformed like any other: reported and skipped.
-        let text = match std::str::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(e) => {
-                stats.malformed += 1;
-                writeln!(err, "line {line_no}: not valid UTF-8 ({e})")?;
-                continue;
-            }
-        };
-        let raw = match RawEvent::decode_str(text) {
-            Ok(r) => r,
-            Err(e) => {
-                stats.malformed += 1;
-                writeln!(err, "line {line_no}: {e}")?;
-                continue;
-            }
-        };
-        let time = match raw.timestamp().or(clock) {
-            Some(t) => t,
-            None => {
-                stats.malformed += 1;
-                writeln!(
-                    err,
-                    "line {line_no}: no timestamp, and no earlier event to take the time from"
-                )?;
-                continue;
-            }
-        };
-        if let (Some(limit), Some(c)) = (opts.max_future, clock) {
-            if time > c.saturating_add(limit) {
-                stats.malformed += 1;
-                writeln!(
-                    err,
-                    "line {line_no}: timestamp in the future: {} is more than --max-future ahead of the latest event time ({})",
-                    crate::time::format_millis(time),
-                    crate::time::format_millis(c)
-                )?;
-                continue;
-            }
-        }
-        clock = Some(clock.map_or(time, |c| c.max(time)));
-        if proc
-            .engine()
-            .journeys()
-            .interest(raw.application(), raw.name())
-            .is_none()
-        {
-            proc.fire_due(time, &mut output)?;
-        } else {
-            let ev = match raw.into_event(Some(time), || format!("replay/0/{my_offset}")) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    stats.malformed += 1;
-                    writeln!(err, "line {line_no}: {e}")?;
-                    continue;
-                }
-            };
-            proc.on_event(&ev, &owns_all, &mut output)?;
-        }
-        sink(&output)?;
-        stats.records += output.records.len() as u64;
-        output.clear();
-        since_commit += 1;
-        if since_commit >= COMMIT_EVERY {
-            stage_counters(&mut proc, clock, offset);
-            proc.commit()?;
-            since_commit = 0;
-        }
+        feed.input(Origin::Line(line_no), bytes, sink, err)?;
     }
-    if let Some(until) = opts.until {
-        proc.fire_due(until, &mut output)?;
-        sink(&output)?;
-        stats.records += output.records.len() as u64;
-        output.clear();
-    }
-    stage_counters(&mut proc, clock, offset);
-    proc.commit()?;
-    proc.state().flush()?;
+    let stats = feed.finish(opts.until, sink)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
 }
 
