@@ -41,9 +41,12 @@ fn journeys(dir: &Path) {
     );
 }
 
+/// A record as produced: (record time, key, value).
+type Produced = (i64, String, Vec<u8>);
+
 /// (record time, key, value) of 300 users over two days: signups, opens and activations, with
 /// equal timestamps across partitions, and one value that is not JSON.
-fn stream() -> Vec<(i64, String, Vec<u8>)> {
+fn stream() -> Vec<Produced> {
     let mut out = Vec::new();
     for u in 0..300i64 {
         let user = format!("user-{u}");
@@ -185,14 +188,31 @@ fn a_backtest_from_kafka_equals_the_file_form_over_the_same_records_and_leaves_n
     )
     .unwrap();
 
-    // The same records as a file, in the merged order: record time, then partition, then offset.
-    let mut chosen: Vec<(i64, i32, usize, &Vec<u8>)> = records
-        .iter()
-        .enumerate()
-        .filter(|(_, (at, _, _))| (from..to).contains(at))
-        .map(|(i, (at, key, value))| (*at, owner_of(key, PARTITIONS), i, value))
-        .collect();
+    // The same records as a file. Each partition's range is one of offsets: from its first record
+    // stamped at or after `from` to (not including) its first stamped at or after `to`; late
+    // records between are in. Then the merged order: record time, partition, offset.
+    let mut chosen: Vec<(i64, i32, usize, &Vec<u8>)> = Vec::new();
+    for part in 0..PARTITIONS {
+        let mine: Vec<(usize, &Produced)> = records
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, key, _))| owner_of(key, PARTITIONS) == part)
+            .collect();
+        let Some(first) = mine.iter().position(|(_, r)| r.0 >= from) else {
+            continue;
+        };
+        for (i, (at, _, value)) in &mine[first..] {
+            if *at >= to {
+                break;
+            }
+            chosen.push((*at, part, *i, value));
+        }
+    }
     chosen.sort();
+    assert!(
+        chosen.iter().any(|c| c.0 < from),
+        "late records (stamped before --from, inside a partition's range) are in"
+    );
     let file = tmp.path().join("events.jsonl");
     let mut text = Vec::new();
     for (_, _, _, v) in &chosen {

@@ -1,9 +1,11 @@
 //! `waymark backtest --brokers .. --topics .. --from .. --to ..`: past events straight from Kafka.
 //!
 //! Read only: the consumer is assigned its partitions by hand (it never joins a group, so the
-//! service's group and its offsets are untouched), never commits, and nothing is produced. The
-//! offsets of each partition are looked up by time (`offsets_for_times`): from the first record
-//! stamped at or after `--from` to the last one before `--to`. Partitions are merged into one
+//! service's group and its offsets are untouched), never commits, and nothing is produced. Each
+//! partition is read from its first record stamped at or after `--from` (looked up with
+//! `offsets_for_times`) up to, not including, its first record stamped at or after `--to` (or its
+//! end when the read began): a range of offsets, so a late record inside it is read whatever its
+//! stamp. Partitions are merged into one
 //! stream by record timestamp (ties: topic order, partition, offset), so timers fire by event time
 //! across all users as in a `replay` of the same events in that order; each partition's records
 //! keep their offset order.
@@ -67,6 +69,9 @@ struct Part {
     end: i64,
     /// The next offset expected from the broker; done when it reaches `end`.
     next: i64,
+    /// Whether the first record stamped at or after `--from` has been met (records after it are
+    /// read whatever their stamp: the range is one of offsets).
+    started: bool,
     queue: VecDeque<Buffered>,
     paused: bool,
 }
@@ -122,9 +127,18 @@ pub fn read(
     if range.to <= range.from {
         bail!("--to must be after --from");
     }
-    // No group.id: the consumer is assigned by hand and never meets a group coordinator.
+    // librdkafka wants a group.id to assign partitions; this one is the reader's own, never
+    // joined (no subscribe) and never committed to.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut config = crate::kafka::base_config(&range.brokers);
     config
+        .set(
+            "group.id",
+            format!("waymark-backtest-{}-{nanos}", std::process::id()),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
@@ -156,14 +170,16 @@ pub fn read(
             .with_context(|| format!("reading the end of {t}/{p}"))?;
         high.insert((t.clone(), *p), h);
     }
+    // Where `--from` begins, by the broker's time index. Where `--to` ends is found while reading
+    // (the first record stamped at or after it), and both are checked on the records themselves:
+    // a broker that answers offset 0 for "no such record" (tansu does) must not widen the range.
     let starts = offsets_at(&consumer, &tps, range.from, &high)?;
-    let ends = offsets_at(&consumer, &tps, range.to, &high)?;
     let mut parts: Vec<Part> = Vec::new();
     let mut index: HashMap<(String, i32), usize> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for (t, p) in &tps {
         let key = (t.clone(), *p);
-        let (start, end) = (starts[&key], ends[&key]);
+        let (start, end) = (starts[&key], high[&key]);
         if start >= end {
             continue;
         }
@@ -174,6 +190,7 @@ pub fn read(
             partition: *p,
             end,
             next: start,
+            started: false,
             queue: VecDeque::new(),
             paused: false,
         });
@@ -268,8 +285,25 @@ pub fn read(
                     part.next = part.end;
                     continue;
                 }
+                let time = m.timestamp().to_millis().unwrap_or(0);
+                if !part.started {
+                    if time < range.from {
+                        continue;
+                    }
+                    part.started = true;
+                }
+                if time >= range.to {
+                    // The first record of `--to`: the partition's range ends before it.
+                    part.end = m.offset();
+                    part.next = part.end;
+                    let mut one = TopicPartitionList::new();
+                    one.add_partition(&range.topics[part.topic], part.partition);
+                    let _ = consumer.pause(&one);
+                    part.paused = false; // for good: never resumed
+                    continue;
+                }
                 part.queue.push_back(Buffered {
-                    time: m.timestamp().to_millis().unwrap_or(0),
+                    time,
                     offset: m.offset(),
                     value: m.payload().unwrap_or_default().to_vec(),
                 });
