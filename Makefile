@@ -70,6 +70,9 @@ bench-core: ## Criterion benchmarks of condition matching and the engine step
 bench-replay: build ## 1M events, 100k users, 10 journeys through `waymark replay --state`
 	@scripts/bench-replay.sh $(BIN)
 
+bench-backtest: build broker ## backtest vs replay on the 1M workload, and backtest from Kafka vs a consume-only read of the same range (targets 90% and 80%)
+	@scripts/bench-backtest.sh $(BIN) $(BROKERS)
+
 bench-guarantees: ## Changelog on/off and exactly-once vs at-least-once, side by side (mock cluster)
 	BENCH_EVENTS=$${BENCH_EVENTS:-200000} $(CARGO) bench $(FEATURES) --bench guarantees
 

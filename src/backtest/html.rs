@@ -103,15 +103,15 @@ pub fn funnel_svg(j: &JourneyFunnel) -> String {
     svg
 }
 
-fn rate_cells(r: &Option<Rate>) -> String {
+fn rate_cell(r: &Option<Rate>) -> String {
     match r {
         Some(r) => format!(
-            "<td>{}</td><td>{}</td><td>{}</td>",
-            r.entries,
+            "<td>{} of {} ({})</td>",
             r.converted,
+            r.entries,
             pct(r.rate)
         ),
-        None => "<td>-</td><td>-</td><td>-</td>".into(),
+        None => "<td>-</td>".into(),
     }
 }
 
@@ -142,7 +142,7 @@ fn journey_section(j: &JourneyFunnel, side: &str) -> String {
         }
         h.push_str("</table>");
     }
-    h.push_str("<h3>Steps</h3><table class=\"steps\"><tr><th>step</th><th>type</th><th>reached</th><th>still there</th><th>left</th></tr>");
+    h.push_str("<h3>Steps</h3><table class=\"steps\"><tr><th>step</th><th>type</th><th>reached</th><th>still there</th><th style=\"text-align:left\">left</th></tr>");
     for s in &j.steps {
         let ways: Vec<String> = s
             .left
@@ -162,9 +162,8 @@ fn journey_section(j: &JourneyFunnel, side: &str) -> String {
     h.push_str("</table>");
     if !j.goals.is_empty() {
         h.push_str(
-            "<h3>Goals</h3><table class=\"goals\"><tr><th>goal</th><th>entries</th><th>converted</th>\
-             <th>rate</th><th>treatment entries</th><th>converted</th><th>rate</th>\
-             <th>holdout entries</th><th>converted</th><th>rate</th><th>lift (95% CI)</th>\
+            "<h3>Goals</h3><table class=\"goals\"><tr><th>goal</th><th>converted of entries</th>\
+             <th>treatment</th><th>holdout</th><th>lift (95% CI)</th>\
              <th>time to convert p50 / p90</th></tr>",
         );
         for g in &j.goals {
@@ -191,9 +190,9 @@ fn journey_section(j: &JourneyFunnel, side: &str) -> String {
                 h,
                 "<tr><td>{}</td>{}{}{}<td>{}</td><td>{}</td></tr>",
                 esc(&g.goal),
-                rate_cells(&Some(g.all.clone())),
-                rate_cells(&g.treatment),
-                rate_cells(&g.holdout),
+                rate_cell(&Some(g.all.clone())),
+                rate_cell(&g.treatment),
+                rate_cell(&g.holdout),
                 esc(&lift),
                 esc(&ttc)
             );
