@@ -33,7 +33,8 @@ struct EngineRun {
     /// After the last event, fire timers due at or before this instant (RFC 3339).
     #[arg(long, value_parser = parse_until)]
     until: Option<i64>,
-    /// Keep state in this directory (RocksDB) across runs; default: a temporary one.
+    /// Keep state in this directory (RocksDB) across runs; default: a temporary one (replay) or
+    /// memory (backtest).
     #[arg(long)]
     state: Option<PathBuf>,
     /// Skip (and report) events further ahead than this (e.g. 1d) of the latest event time
@@ -62,6 +63,7 @@ impl EngineRun {
             events,
             until: self.until,
             state: self.state,
+            in_memory: false,
             progress: true,
             max_future: self
                 .max_future
@@ -501,7 +503,9 @@ fn backtest_command(
         ),
         (None, None) => String::new(),
     };
-    let (journeys, opts) = engine.split(source.events.clone().unwrap_or_default());
+    let (journeys, mut opts) = engine.split(source.events.clone().unwrap_or_default());
+    // A backtest's state is thrown away: in memory unless --state puts it in RocksDB.
+    opts.in_memory = true;
     let load = |dir: &PathBuf| match load_dir(dir) {
         Ok(s) => Ok(Arc::new(s)),
         Err(e) => {
@@ -562,6 +566,7 @@ fn backtest_command(
                 from: source.from.expect("clap requires --from"),
                 to: source.to.expect("clap requires --to"),
                 progress: true,
+                buffer_bytes: kafka::BUFFER_BYTES,
             };
             if source.consume_only {
                 let mut bytes = 0u64;

@@ -21,6 +21,7 @@ use anyhow::Context;
 use crate::event::RawEvent;
 use crate::journey::JourneySet;
 use crate::processor::{Output, Processor};
+use crate::store::memory::{LocalStore, MemStore};
 use crate::store::rocks::RocksStore;
 use crate::store::State;
 use crate::time::Millis;
@@ -33,8 +34,12 @@ const COMMIT_EVERY: u64 = 4096;
 pub struct ReplayOptions {
     pub events: PathBuf,
     pub until: Option<Millis>,
-    /// Where the state lives; `None`: a temporary directory, removed afterwards.
+    /// Where the state lives; `None`: a temporary directory, removed afterwards (or memory, with
+    /// `in_memory`).
     pub state: Option<PathBuf>,
+    /// Without `state`, keep the state in memory instead of a temporary RocksDB directory
+    /// (`backtest`'s default; memory then grows with the sessions kept).
+    pub in_memory: bool,
     /// Show a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
     /// `--max-future`: a line whose event time is further ahead than this of the latest event time
@@ -57,7 +62,7 @@ pub struct ReplayStats {
     pub seconds: f64,
 }
 
-fn read_u64(state: &State<RocksStore>, key: &str) -> anyhow::Result<Option<i64>> {
+fn read_u64(state: &State<LocalStore>, key: &str) -> anyhow::Result<Option<i64>> {
     Ok(state
         .get_meta(key)?
         .and_then(|v| v.try_into().ok())
@@ -120,7 +125,7 @@ impl std::fmt::Display for Origin<'_> {
 /// The engine over a stream of inputs as `replay` and `backtest` run it: one store, one event
 /// clock, timers by event time. Each input's [`Output`] goes to the sink in order.
 pub struct Feed {
-    proc: Processor<RocksStore>,
+    proc: Processor<LocalStore>,
     clock: Option<Millis>,
     offset: u64,
     since_commit: u64,
@@ -136,16 +141,19 @@ impl Feed {
     /// Opens the state (`opts.state`, or a temporary directory removed when the feed is dropped).
     pub fn open(journeys: Arc<JourneySet>, opts: &ReplayOptions) -> anyhow::Result<Feed> {
         let started = Instant::now();
-        let (dir, temp) = match &opts.state {
-            Some(d) => (d.clone(), None),
+        let (store, temp) = match &opts.state {
+            Some(d) => (LocalStore::Rocks(RocksStore::open(d, false)?), None),
+            None if opts.in_memory => (LocalStore::Memory(MemStore::new()), None),
             None => {
                 let t = tempfile::Builder::new()
                     .prefix("waymark-replay-")
                     .tempdir()?;
-                (t.path().to_path_buf(), Some(t))
+                (
+                    LocalStore::Rocks(RocksStore::open(t.path(), false)?),
+                    Some(t),
+                )
             }
         };
-        let store = RocksStore::open(&dir, false)?;
         let state = State::new(store)?;
         let clock: Option<Millis> = read_u64(&state, META_CLOCK)?;
         let offset: u64 = read_u64(&state, META_OFFSET)?.unwrap_or(0) as u64;
@@ -347,7 +355,7 @@ pub fn run(
     Ok(stats)
 }
 
-fn stage_counters(proc: &mut Processor<RocksStore>, clock: Option<Millis>, offset: u64) {
+fn stage_counters(proc: &mut Processor<LocalStore>, clock: Option<Millis>, offset: u64) {
     let state = proc.state_mut();
     if let Some(c) = clock {
         state.stage_meta(META_CLOCK, c.to_be_bytes().to_vec());

@@ -19,6 +19,7 @@ fn opts(dir: &Path) -> ReplayOptions {
         events: dir.join("events.jsonl"),
         until: until_of(dir),
         state: None,
+        in_memory: false,
         progress: false,
         max_future: None,
         max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,

@@ -77,6 +77,7 @@ fn options(events: &Path, until: Option<i64>) -> ReplayOptions {
         events: events.to_path_buf(),
         until,
         state: None,
+        in_memory: false,
         progress: false,
         max_future: None,
         max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,
@@ -177,11 +178,19 @@ fn a_backtest_from_kafka_equals_the_file_form_over_the_same_records_and_leaves_n
         from,
         to,
         progress: false,
+        buffer_bytes: waymark::backtest::kafka::BUFFER_BYTES,
     };
     let set = Arc::new(load_dir(&jdir).unwrap());
     let mut err = Vec::new();
     let (reports, read) = run_kafka(
-        vec![(set.clone(), options(Path::new(""), None))],
+        // In memory (the command's default), against the file form's RocksDB below.
+        vec![(
+            set.clone(),
+            ReplayOptions {
+                in_memory: true,
+                ..options(Path::new(""), None)
+            },
+        )],
         &range,
         None,
         &mut err,
@@ -220,11 +229,25 @@ fn a_backtest_from_kafka_equals_the_file_form_over_the_same_records_and_leaves_n
         text.push(b'\n');
     }
     std::fs::write(&file, text).unwrap();
-    let (from_file, _) = run_file(set, &options(&file, Some(to)), &mut std::io::sink()).unwrap();
+    let (from_file, _) =
+        run_file(set.clone(), &options(&file, Some(to)), &mut std::io::sink()).unwrap();
 
     assert_eq!(read.records as usize, chosen.len(), "records in the range");
     assert!(chosen.len() < records.len(), "some records are outside it");
     let kafka_report = serde_json::to_value(&reports[0]).unwrap();
+    // With a buffer of a few records, partitions that run ahead are paused and resumed all along:
+    // the same report.
+    let (tight, _) = run_kafka(
+        vec![(set.clone(), options(Path::new(""), None))],
+        &Range {
+            buffer_bytes: 2_000,
+            ..range.clone()
+        },
+        None,
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(serde_json::to_value(&tight[0]).unwrap(), kafka_report);
     let file_report = serde_json::to_value(&from_file).unwrap();
     assert_eq!(kafka_report, file_report);
     let welcome = &kafka_report["journeys"][0];

@@ -7,6 +7,7 @@
 //! Every change caused by one input is written in one [`Batch`].
 
 pub mod cache;
+pub mod memory;
 pub mod rocks;
 
 use std::collections::{BTreeMap, BTreeSet};

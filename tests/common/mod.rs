@@ -42,6 +42,7 @@ pub fn run_replay(
         events: events.to_path_buf(),
         until,
         state: state.map(Path::to_path_buf),
+        in_memory: false,
         progress: false,
         max_future: None,
         max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,
