@@ -18,6 +18,7 @@ export WAYMARK_TOPICS_ROUTE="demo-route-$suffix" WAYMARK_TOPICS_CHANGELOG="demo-
 # The scenario is retimed to start now and spans four days of event time: let its later events in
 # (processing.max_future_ms would otherwise send events over a day ahead to the dead-letter topic).
 export WAYMARK_PROCESSING_MAX_FUTURE_MS=$((7 * 86400000))
+started=$(date -u -d '-1 minute' +%Y-%m-%dT%H:%M:%SZ)
 echo "== validating the journeys"
 "$bin" validate config/journeys
 echo "== starting waymark run (state in $run/state, log in $run/waymark.log)"
@@ -46,6 +47,9 @@ curl -s 127.0.0.1:9464/metrics | grep -E '^waymark_(entries_total|conversions_to
 echo "== journey controls (contract section 5): config/scenario/controls-events.jsonl through 'waymark replay'"
 echo "   re-entry, exit criteria, a branched wait, an experiment, quiet hours in the user's zone, a frequency cap"
 "$bin" replay --pretty --journeys config/journeys --events config/scenario/controls-events.jsonl --until 2026-12-05T00:00:00Z
+echo "== backtest straight from Kafka: the journeys over this demo's events topic (read only; page in $run/backtest.html)"
+"$bin" backtest --journeys config/journeys --brokers "$brokers" --topics "$WAYMARK_KAFKA_INPUT_TOPICS" \
+  --from "$started" --to "$(date -u -d '+1 minute' +%Y-%m-%dT%H:%M:%SZ)" --html "$run/backtest.html"
 echo "== stopping waymark (SIGTERM)"
 kill -TERM $pid
 wait $pid && echo "waymark exited 0"
