@@ -189,7 +189,7 @@ impl Event {
     }
 }
 
-fn classify(e: serde_json::Error) -> EventError {
+pub(crate) fn classify(e: serde_json::Error) -> EventError {
     use serde_json::error::Category;
     let msg = e.to_string();
     match e.classify() {
@@ -206,19 +206,19 @@ fn classify(e: serde_json::Error) -> EventError {
 
 /// `userId`: a string or an integer, normalised to its decimal text.
 #[derive(Debug)]
-enum UserId<'a> {
+pub(crate) enum UserId<'a> {
     Borrowed(&'a str),
     Owned(String),
 }
 
 impl UserId<'_> {
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             UserId::Borrowed(s) => s,
             UserId::Owned(s) => s,
         }
     }
-    fn into_string(self) -> String {
+    pub(crate) fn into_string(self) -> String {
         match self {
             UserId::Borrowed(s) => s.to_string(),
             UserId::Owned(s) => s,
@@ -261,7 +261,7 @@ pub const MAX_TIME: Millis = 253_402_300_799_999;
 
 /// `timestamp`: RFC 3339 text or integer epoch milliseconds.
 #[derive(Debug, Clone, Copy)]
-struct Timestamp(Millis);
+pub(crate) struct Timestamp(pub(crate) Millis);
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

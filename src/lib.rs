@@ -35,6 +35,7 @@ pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod processor;
+pub mod profile;
 pub mod properties;
 pub mod record;
 pub mod replay;
