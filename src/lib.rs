@@ -9,10 +9,14 @@
 //! - [`record`]: output records (contract section 3).
 //! - [`journey`]: journey definitions: conditions, entry windows, loading and validation.
 //! - [`engine`]: the pure journey state machine: sessions + input -> new sessions + records.
-//! - [`store`]: the state store trait (sessions, timers, metadata, atomic batches) and RocksDB.
+//! - [`store`]: the state store trait (sessions, timers, metadata, atomic batches), RocksDB (the
+//!   service's) and memory (a backtest's, thrown away).
 //! - [`processor`]: the engine over a store: timers, session loading, staging, commits.
-//! - [`replay`]: `waymark replay`, the processor over a file of events.
-//! - [`backtest`]: `waymark backtest`, the same run counted as a funnel per journey.
+//! - [`profile`]: user profile records (update, erase) and their merge rule.
+//! - [`replay`]: `waymark replay`, the processor over a file of events (the `Feed` that replay and
+//!   backtest share).
+//! - [`backtest`]: `waymark backtest`, the same run counted as a funnel per journey, from a file or
+//!   straight from Kafka, as text, JSON or an HTML page.
 //! - [`inspect`]: `waymark inspect` (a user's sessions) and `waymark journeys` (the loaded set).
 //! - [`loadgen`]: synthetic journeys and events for benchmarks.
 //! - [`config`]: `waymark run` configuration: defaults, file, environment, flags.
