@@ -718,3 +718,49 @@ fn an_owner_that_finds_a_zombies_batch_between_its_records_restores_and_goes_on(
     assert_eq!(m.sessions(), 60);
     assert_eq!(m.stored_offsets(), 60);
 }
+
+/// A partition given up as a zombie's is paused in the consumer; librdkafka keeps that pause
+/// across a rebalance. When the group hands the partition back, it must be consumed again.
+#[test]
+fn a_partition_given_up_is_consumed_again_when_the_group_hands_it_back() {
+    use waymark::kafka::changelog::{marker_key, marker_value};
+    let m = Mock::new();
+    let extra = [
+        ("WAYMARK_PROCESSING_GUARANTEE", "at_least_once"),
+        ("WAYMARK_PROCESSING_COMMIT_INTERVAL_MS", "100"),
+    ];
+    let r = start(m.config(&extra));
+    r.wait(Duration::from_secs(60), "ready", |r| {
+        r.metrics.ready_flag.load(Ordering::SeqCst)
+    });
+    m.signups(0, 10);
+    r.wait(Duration::from_secs(30), "the first entries", |r| {
+        r.entries() >= 10
+    });
+    m.write_changelog(0, &[("newer", marker_key("newer"), marker_value(1000))]);
+    m.signups(10, 60);
+    r.wait(Duration::from_secs(30), "partition 0 given up", |r| {
+        r.metrics.partitions_assigned.get() == 1
+    });
+    // A second member joins and leaves: two rebalances, after which the first owns both again.
+    let other = m.tmp.path().join("state-2");
+    let other = other.display().to_string();
+    let mut with_other: Vec<(&str, &str)> = extra.to_vec();
+    with_other.push(("WAYMARK_STATE_DIR", &other));
+    let r2 = start(m.config(&with_other));
+    r.wait(Duration::from_secs(60), "a rebalance", |r| {
+        r.metrics.rebalances.get() >= 3
+    });
+    r2.stop().unwrap();
+    r.wait(Duration::from_secs(60), "both partitions back", |r| {
+        r.metrics.partitions_assigned.get() == 2
+    });
+    let before = r.entries();
+    m.signups(100, 200);
+    r.wait(
+        Duration::from_secs(60),
+        "entries of users on both partitions",
+        |r| r.entries() >= before + 100,
+    );
+    r.stop().unwrap();
+}

@@ -1846,6 +1846,11 @@ impl ConsumerContext for Ctx {
                     Ok(()) => {
                         if let Err(e) = consumer.assign(tpl) {
                             core.fatal = Some(anyhow!("assigning partitions: {e}"));
+                        } else if let Err(e) = consumer.resume(tpl) {
+                            // librdkafka keeps an application pause across an unassign and a new
+                            // assignment: a partition given up as a zombie's (paused) and assigned
+                            // again would never be fetched.
+                            core.fatal = Some(anyhow!("resuming assigned partitions: {e}"));
                         } else if let Err(e) = if core.eos {
                             Ok(())
                         } else {
