@@ -70,7 +70,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let mut fx = Effects::default();
             let mut us = UserSessions::default();
-            for intent in engine.entry_intents(&placed, &mut fx) {
+            for intent in engine.entry_intents(&placed, None, &mut fx) {
                 engine.apply_entry(&intent, &mut us, &mut fx);
             }
             black_box(us.changes().len() + fx.records.len())
@@ -78,7 +78,7 @@ fn benches(c: &mut Criterion) {
     });
     let mut fx = Effects::default();
     let mut base = UserSessions::default();
-    for intent in engine.entry_intents(&placed, &mut fx) {
+    for intent in engine.entry_intents(&placed, None, &mut fx) {
         engine.apply_entry(&intent, &mut base, &mut fx);
     }
     let sessions: Vec<_> = base.active().cloned().collect();
@@ -107,7 +107,7 @@ fn control_benches(c: &mut Criterion) {
     let engine = Engine::new(Arc::new(JourneySet::new(vec![journey])));
     let mut fx = Effects::default();
     let mut base = UserSessions::default();
-    for intent in engine.entry_intents(&event("Go", json!({})), &mut fx) {
+    for intent in engine.entry_intents(&event("Go", json!({})), None, &mut fx) {
         engine.apply_entry(&intent, &mut base, &mut fx);
     }
     let sessions: Vec<_> = base.active().cloned().collect();

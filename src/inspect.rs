@@ -30,7 +30,7 @@ fn stores(dir: &Path) -> anyhow::Result<Vec<(Option<i32>, PathBuf)>> {
 
 /// A user's sessions (every application, or one) as JSON: journey, step, identifier, context,
 /// converted goals and the pending timer; and the user's history (past entries of journeys with
-/// re-entry rules, delivered actions counted by caps).
+/// re-entry rules, delivered actions counted by caps); and the user's profile per application.
 pub fn user_sessions(
     state_dir: &Path,
     user: &str,
@@ -38,6 +38,7 @@ pub fn user_sessions(
 ) -> anyhow::Result<Value> {
     let mut sessions = Vec::new();
     let mut histories = Vec::new();
+    let mut profiles = Vec::new();
     for (partition, dir) in stores(state_dir)? {
         let store = RocksStore::open_read_only(&dir)?;
         let state = State::new(store)?;
@@ -79,8 +80,23 @@ pub fn user_sessions(
             }
             true
         })?;
+        state.all_profiles(&mut |app, u, p| {
+            if u == user && application.is_none_or(|a| a == app) {
+                profiles.push(json!({
+                    "application": app,
+                    "attributes": p,
+                    "partition": partition,
+                }));
+            }
+            true
+        })?;
     }
-    Ok(json!({ "user_id": user, "sessions": sessions, "history": histories }))
+    Ok(json!({
+        "user_id": user,
+        "profile": profiles,
+        "sessions": sessions,
+        "history": histories,
+    }))
 }
 
 /// The journeys of a set with their status and a content version, then the application

@@ -9,8 +9,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::engine::{Effects, Engine, EntryIntent, Refusal, UserSessions};
-use crate::event::Event;
+use crate::event::{Event, EventError};
 use crate::journey::{Journey, JourneySet, Status};
+use crate::profile::ProfileRecord;
 use crate::record::Record;
 use crate::store::{State, Store, StoreError, TimerRef};
 use crate::time::Millis;
@@ -68,6 +69,14 @@ pub struct Processor<S: Store> {
     /// instance that takes the partition over runs each session on the version it entered.
     persisted: HashMap<String, HashSet<String>>,
     fx: Effects,
+    max_profile_bytes: usize,
+}
+
+/// What an accepted profile record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileApplied {
+    Updated,
+    Erased,
 }
 
 const META_JOURNEY: &str = "journey/";
@@ -123,6 +132,7 @@ impl<S: Store> Processor<S> {
             due: VecDeque::new(),
             persisted,
             fx: Effects::default(),
+            max_profile_bytes: crate::profile::DEFAULT_MAX_PROFILE_BYTES,
         })
     }
 
@@ -362,13 +372,14 @@ impl<S: Store> Processor<S> {
         let wants_sessions = interest.sessions;
         let has_entries = !interest.entries.is_empty();
         let mut own: Option<UserSessions> = None;
-        if wants_sessions {
+        if wants_sessions || interest.entry_profile {
             let mut us = self.load(&ev.application, &ev.user_id)?;
             self.engine.apply_event(ev, &mut us, &mut self.fx);
             own = Some(us);
         }
         if has_entries {
-            let intents = self.engine.entry_intents(ev, &mut self.fx);
+            let profile = own.as_ref().and_then(|us| us.profile());
+            let intents = self.engine.entry_intents(ev, profile, &mut self.fx);
             let mut others: Vec<(String, UserSessions)> = Vec::new();
             for intent in intents {
                 if intent.user_id == ev.user_id {
@@ -403,6 +414,53 @@ impl<S: Store> Processor<S> {
         Ok(())
     }
 
+    /// Applies a profile record at `time` (its `timestamp`, else the record's): timers due by
+    /// then fire first, as before an event. An update is merged into the user's profile (refused
+    /// whole, changing nothing, when the result would pass the profile bound); an erasure ends
+    /// the user's sessions (`journey_exit`, reason `erased`) and removes everything stored under
+    /// the user in the application. The inner error is the dead-letter reason of a refused update.
+    pub fn on_profile(
+        &mut self,
+        record: &ProfileRecord,
+        time: Millis,
+        out: &mut Output,
+    ) -> Result<Result<ProfileApplied, EventError>, StoreError> {
+        self.fire_due(time, out)?;
+        let (app, user) = (record.application(), record.user_id());
+        let mut us = self.load(app, user)?;
+        let had = us.profile().is_some();
+        let applied = match record {
+            ProfileRecord::Update { attributes, .. } => {
+                let stored = us.take_profile();
+                let max = self.max_profile_bytes;
+                match crate::profile::merge_in_place(stored, attributes, max) {
+                    Ok(merged) => {
+                        us.set_profile(merged);
+                        Ok(ProfileApplied::Updated)
+                    }
+                    Err((stored, e)) => {
+                        us.return_profile(stored);
+                        Err(e)
+                    }
+                }
+            }
+            ProfileRecord::Erase { .. } => {
+                self.engine.erase(&mut us, time, &mut self.fx);
+                Ok(ProfileApplied::Erased)
+            }
+        };
+        let has = us.profile().is_some();
+        self.state.note_profiles(has as i64 - had as i64);
+        self.save(app, user, us);
+        out.take_effects(&mut self.fx);
+        Ok(applied)
+    }
+
+    /// Bounds a stored profile's size (`processing.max_profile_bytes`; 0: no bound).
+    pub fn set_max_profile_bytes(&mut self, max: usize) {
+        self.max_profile_bytes = max;
+    }
+
     /// Applies an entry decided elsewhere (routed from another partition). Timers due by its time
     /// fire first.
     pub fn on_intent(&mut self, intent: &EntryIntent, out: &mut Output) -> Result<(), StoreError> {
@@ -426,3 +484,6 @@ impl<S: Store> Processor<S> {
         self.reload_next_timer()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -39,6 +39,7 @@ pub enum ProfileRecord {
     Erase {
         application: String,
         user_id: String,
+        time: Option<Millis>,
     },
 }
 
@@ -47,6 +48,13 @@ impl ProfileRecord {
         match self {
             ProfileRecord::Update { application, .. }
             | ProfileRecord::Erase { application, .. } => application,
+        }
+    }
+
+    /// The record's `timestamp`, if it has one.
+    pub fn time(&self) -> Option<Millis> {
+        match self {
+            ProfileRecord::Update { time, .. } | ProfileRecord::Erase { time, .. } => *time,
         }
     }
 
@@ -85,6 +93,7 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<ProfileRecord, EventErro
         (Some(true), None) => Ok(ProfileRecord::Erase {
             application: raw.application.into_owned(),
             user_id: raw.user_id.into_string(),
+            time: raw.timestamp.map(|t| t.0),
         }),
         (Some(true), Some(_)) => Err(EventError::WrongType(
             "an erasure (erase: true) carries no attributes".into(),
@@ -119,18 +128,39 @@ pub fn merge(
     update: &Map<String, Value>,
     max_bytes: usize,
 ) -> Result<Option<Map<String, Value>>, EventError> {
+    merge_in_place(stored, update, max_bytes).map_err(|(_, e)| e)
+}
+
+/// [`merge`] without copying the stored profile: a refused update hands it back unchanged.
+#[allow(clippy::type_complexity)]
+pub fn merge_in_place(
+    stored: Option<Map<String, Value>>,
+    update: &Map<String, Value>,
+    max_bytes: usize,
+) -> Result<Option<Map<String, Value>>, (Option<Map<String, Value>>, EventError)> {
+    let was_stored = stored.is_some();
     let mut profile = stored.unwrap_or_default();
+    // What the update replaced, to undo a refused merge.
+    let mut undo: Vec<(&String, Option<Value>)> = Vec::with_capacity(update.len());
     for (k, v) in update {
-        if v.is_null() {
-            profile.remove(k);
+        let old = if v.is_null() {
+            profile.remove(k)
         } else {
-            profile.insert(k.clone(), v.clone());
-        }
+            profile.insert(k.clone(), v.clone())
+        };
+        undo.push((k, old));
     }
     if max_bytes > 0 {
         let size = serde_json::to_vec(&profile).map(|v| v.len()).unwrap_or(0);
         if size > max_bytes {
-            return Err(EventError::Oversize(size, max_bytes));
+            for (k, old) in undo.into_iter().rev() {
+                match old {
+                    Some(v) => profile.insert(k.clone(), v),
+                    None => profile.remove(k),
+                };
+            }
+            let back = (was_stored || !profile.is_empty()).then_some(profile);
+            return Err((back, EventError::Oversize(size, max_bytes)));
         }
     }
     Ok((!profile.is_empty()).then_some(profile))
@@ -166,7 +196,8 @@ mod tests {
             e,
             ProfileRecord::Erase {
                 application: "a".into(),
-                user_id: "u".into()
+                user_id: "u".into(),
+                time: None,
             }
         );
         assert_eq!((e.application(), e.user_id()), ("a", "u"));

@@ -57,6 +57,8 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 900_000;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReplayStats {
     pub lines: u64,
+    /// Profile lines among them (`"type": "profile"`).
+    pub profiles: u64,
     pub malformed: u64,
     pub records: u64,
     pub seconds: f64,
@@ -201,6 +203,9 @@ impl Feed {
                 return Ok(());
             }
         };
+        if is_profile_line(text) {
+            return self.profile_input(origin, text, sink, err);
+        }
         let raw = match RawEvent::decode_str(text) {
             Ok(r) => r,
             Err(e) => {
@@ -209,34 +214,9 @@ impl Feed {
                 return Ok(());
             }
         };
-        let stand_in = match origin {
-            Origin::Record { time, .. } => time.or(self.clock),
-            Origin::Line(_) => self.clock,
+        let Some(time) = self.judge_time(origin, raw.timestamp(), err)? else {
+            return Ok(());
         };
-        let time = match raw.timestamp().or(stand_in) {
-            Some(t) => t,
-            None => {
-                self.stats.malformed += 1;
-                writeln!(
-                    err,
-                    "{origin}: no timestamp, and no earlier event to take the time from"
-                )?;
-                return Ok(());
-            }
-        };
-        if let (Some(limit), Some(c)) = (self.max_future, self.clock) {
-            if time > c.saturating_add(limit) {
-                self.stats.malformed += 1;
-                writeln!(
-                    err,
-                    "{origin}: timestamp in the future: {} is more than --max-future ahead of the latest event time ({})",
-                    crate::time::format_millis(time),
-                    crate::time::format_millis(c)
-                )?;
-                return Ok(());
-            }
-        }
-        self.clock = Some(self.clock.map_or(time, |c| c.max(time)));
         if self
             .proc
             .engine()
@@ -266,6 +246,11 @@ impl Feed {
             self.proc.on_event(&ev, &|_: &str| true, &mut self.output)?;
         }
         self.emit(sink)?;
+        self.applied()
+    }
+
+    /// Counts an applied input; commits every [`COMMIT_EVERY`].
+    fn applied(&mut self) -> anyhow::Result<()> {
         self.since_commit += 1;
         if self.since_commit >= COMMIT_EVERY {
             stage_counters(&mut self.proc, self.clock, self.offset);
@@ -273,6 +258,75 @@ impl Feed {
             self.since_commit = 0;
         }
         Ok(())
+    }
+
+    /// An input's time: its `timestamp`, else the stand-in (the record's time, or the latest
+    /// time read so far); `None` (reported, counted malformed) when there is none or it is too
+    /// far ahead. Advances the clock.
+    fn judge_time(
+        &mut self,
+        origin: Origin<'_>,
+        timestamp: Option<Millis>,
+        err: &mut dyn Write,
+    ) -> anyhow::Result<Option<Millis>> {
+        let stand_in = match origin {
+            Origin::Record { time, .. } => time.or(self.clock),
+            Origin::Line(_) => self.clock,
+        };
+        let time = match timestamp.or(stand_in) {
+            Some(t) => t,
+            None => {
+                self.stats.malformed += 1;
+                writeln!(
+                    err,
+                    "{origin}: no timestamp, and no earlier event to take the time from"
+                )?;
+                return Ok(None);
+            }
+        };
+        if let (Some(limit), Some(c)) = (self.max_future, self.clock) {
+            if time > c.saturating_add(limit) {
+                self.stats.malformed += 1;
+                writeln!(
+                    err,
+                    "{origin}: timestamp in the future: {} is more than --max-future ahead of the latest event time ({})",
+                    crate::time::format_millis(time),
+                    crate::time::format_millis(c)
+                )?;
+                return Ok(None);
+            }
+        }
+        self.clock = Some(self.clock.map_or(time, |c| c.max(time)));
+        Ok(Some(time))
+    }
+
+    /// A profile line (`"type": "profile"`): an update merged into the user's profile, or an
+    /// erasure. Timed like an event.
+    fn profile_input(
+        &mut self,
+        origin: Origin<'_>,
+        text: &str,
+        sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>,
+        err: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        let record = match crate::profile::decode(text.as_bytes(), 0) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.malformed += 1;
+                writeln!(err, "{origin}: profile record: {e}")?;
+                return Ok(());
+            }
+        };
+        let Some(time) = self.judge_time(origin, record.time(), err)? else {
+            return Ok(());
+        };
+        if let Err(e) = self.proc.on_profile(&record, time, &mut self.output)? {
+            self.stats.malformed += 1;
+            writeln!(err, "{origin}: profile record refused: {e}")?;
+        }
+        self.stats.profiles += 1;
+        self.emit(sink)?;
+        self.applied()
     }
 
     fn emit(&mut self, sink: &mut dyn FnMut(&Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
@@ -353,6 +407,18 @@ pub fn run(
         b.finish_and_clear();
     }
     Ok(stats)
+}
+
+/// Whether a line is a profile record: an object whose `type` is `"profile"`. Lines without
+/// the text `"type"` (nearly every event) are not parsed twice.
+pub fn is_profile_line(text: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Tag<'a> {
+        #[serde(rename = "type", borrow, default)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    text.contains("\"type\"")
+        && serde_json::from_str::<Tag<'_>>(text).is_ok_and(|t| t.kind.as_deref() == Some("profile"))
 }
 
 fn stage_counters(proc: &mut Processor<LocalStore>, clock: Option<Millis>, offset: u64) {

@@ -226,7 +226,7 @@ proptest! {
             let ev = event(name, attrs.clone(), t);
             let mut fx = Effects::default();
             engine.apply_event(&ev, &mut us, &mut fx);
-            for intent in engine.entry_intents(&ev, &mut fx) {
+            for intent in engine.entry_intents(&ev, None, &mut fx) {
                 // Every target's state is this one view here: enough to exercise the engine.
                 engine.apply_entry(&intent, &mut us, &mut fx);
             }

@@ -93,7 +93,12 @@ fn set_last(keys: &mut Vec<KeyEntry>, key: Option<&str>, at: Millis) {
 
 /// The user's zone for a session of `journey`: the journey's keys over the policy's, over the
 /// defaults (`timezone`, UTC).
-pub fn zone(journey: &Journey, policy: Option<&Policy>, context: &Map<String, Value>) -> Tz {
+pub fn zone(
+    journey: &Journey,
+    policy: Option<&Policy>,
+    context: &Map<String, Value>,
+    profile: Option<&Map<String, Value>>,
+) -> Tz {
     let attribute = journey
         .timezone_attribute
         .as_deref()
@@ -103,7 +108,7 @@ pub fn zone(journey: &Journey, policy: Option<&Policy>, context: &Map<String, Va
         .default_timezone
         .or(policy.map(|p| p.default_timezone))
         .unwrap_or(Tz::UTC);
-    user_zone(context, attribute, default)
+    user_zone(context, profile, attribute, default)
 }
 
 /// The quiet hours that apply to the journey: its own (or none), else its application's.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use session::{
-    Change, ChangeRef, Delivery, History, JourneyHistory, KeyEntry, Session, SessionRef,
+    Change, ChangeRef, Delivery, History, JourneyHistory, KeyEntry, Profile, Session, SessionRef,
     UserSessions, UserState,
 };
 
@@ -90,6 +90,15 @@ pub struct EntryIntent {
     pub event_id: String,
     pub time: Millis,
     pub attributes: Map<String, Value>,
+    /// The entry conditions read the profile and the event's partition could not decide them
+    /// (a `who: {attribute}` entry): they are judged with the target's profile when the intent
+    /// is applied.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub check_profile: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What one input caused besides state changes: the records, and counts for metrics.
@@ -208,7 +217,7 @@ impl Engine {
                 {
                     continue;
                 }
-                if !goal.conditions.eval(&ev.attributes) {
+                if !goal.conditions.eval_in(&ev.attributes, us.profile()) {
                     continue;
                 }
                 fx.matched.push(journey.id.clone());
@@ -245,7 +254,7 @@ impl Engine {
                 || !journey
                     .exit_on
                     .iter()
-                    .any(|t| t.matches(&ev.name, &ev.attributes))
+                    .any(|t| t.matches(&ev.name, &ev.attributes, us.profile()))
                 || !id_matches(&journey, us.session(ix), ev)
             {
                 continue;
@@ -285,7 +294,7 @@ impl Engine {
             let mut matched = false;
             for (b, branch) in branches.iter().enumerate() {
                 for (e, t) in branch.events.iter().enumerate() {
-                    if t.matches(&ev.name, &ev.attributes) {
+                    if t.matches(&ev.name, &ev.attributes, us.profile()) {
                         progress |= progress_bit(b, e);
                         matched = true;
                     }
@@ -327,9 +336,16 @@ impl Engine {
         }
     }
 
-    /// Decides who enters which journey because of `ev`. Stateless: refusals that need state
-    /// (an active session) are made by [`Engine::apply_entry`].
-    pub fn entry_intents(&self, ev: &Event, fx: &mut Effects) -> Vec<EntryIntent> {
+    /// Decides who enters which journey because of `ev`; `profile` is the event user's (read
+    /// by `profile.` conditions of `who: "event_user"` entries). Refusals that need the target's
+    /// state (an active session, and the profile conditions of a `who: {attribute}` entry) are
+    /// made by [`Engine::apply_entry`].
+    pub fn entry_intents(
+        &self,
+        ev: &Event,
+        profile: Option<&Profile>,
+        fx: &mut Effects,
+    ) -> Vec<EntryIntent> {
         let mut out = Vec::new();
         let Some(interest) = self.journeys.interest(&ev.application, &ev.name) else {
             return out;
@@ -339,10 +355,17 @@ impl Engine {
             let entry = &journey.entry;
             let refuse = |fx: &mut Effects, r: Refusal| fx.refused.push((journey.id.clone(), r));
             fx.triggered.push(journey.id.clone());
-            if !entry.conditions.eval(&ev.attributes) {
+            // A `who: {attribute}` entry's profile conditions are each target's: decide what
+            // the event alone decides here, the rest on the target's partition.
+            let held = match entry.who {
+                Who::EventUser => Some(entry.conditions.eval_in(&ev.attributes, profile)),
+                Who::Attribute(_) => entry.conditions.eval_without_profile(&ev.attributes),
+            };
+            if held == Some(false) {
                 refuse(fx, Refusal::ConditionFalse);
                 continue;
             }
+            let check_profile = held.is_none();
             fx.matched.push(journey.id.clone());
             if journey.status != Status::Active {
                 refuse(fx, Refusal::NotActive);
@@ -393,6 +416,7 @@ impl Engine {
                     event_id: ev.event_id.clone(),
                     time: ev.time,
                     attributes: ev.attributes.clone(),
+                    check_profile,
                 });
             }
         }
@@ -405,6 +429,16 @@ impl Engine {
         let Some(journey) = self.journeys.get(&intent.journey_id).cloned() else {
             return;
         };
+        if intent.check_profile
+            && !journey
+                .entry
+                .conditions
+                .eval_in(&intent.attributes, us.profile())
+        {
+            fx.refused
+                .push((journey.id.clone(), Refusal::ConditionFalse));
+            return;
+        }
         let active = (0..us.len()).any(|ix| {
             us.is_active(ix) && {
                 let s = us.session(ix);
@@ -537,6 +571,41 @@ impl Engine {
         true
     }
 
+    /// Erases the user (a profile topic's erasure): every active session ends with a
+    /// `journey_exit` of reason `erased` at `at`, and the history (entries, deliveries) and
+    /// profile are removed, so the caller's changes delete everything stored under the user.
+    pub fn erase(&self, us: &mut UserSessions, at: Millis, fx: &mut Effects) {
+        let cause = Cause { event: None, at };
+        for ix in 0..us.len() {
+            if !us.is_active(ix) {
+                continue;
+            }
+            match self.session_journey(us, ix) {
+                Some(journey) => {
+                    let step = us.session(ix).step.clone();
+                    self.end(
+                        &journey,
+                        us,
+                        ix,
+                        &step,
+                        "erased",
+                        cause,
+                        Leave::default(),
+                        fx,
+                    );
+                }
+                // A version no longer known: nothing to say, but nothing may be kept.
+                None => us.remove(ix),
+            }
+        }
+        if !us.history().is_empty() {
+            *us.history_mut() = History::default();
+        }
+        if us.profile().is_some() {
+            us.set_profile(None);
+        }
+    }
+
     /// Ends session `ix` because its journey was archived (exit reason `archived`, at `at`).
     pub fn archive(&self, us: &mut UserSessions, ix: usize, at: Millis, fx: &mut Effects) {
         if !us.is_active(ix) {
@@ -631,5 +700,7 @@ pub fn session_id(
 mod tests;
 #[cfg(test)]
 mod tests_controls;
+#[cfg(test)]
+mod tests_profile;
 #[cfg(test)]
 mod tests_refusals;

@@ -115,7 +115,8 @@ impl Engine {
                 if !ignore_quiet_hours {
                     let policy = self.journeys.policy(&journey.application).map(|p| &**p);
                     if let Some(q) = controls::quiet_hours(journey, policy) {
-                        let tz = controls::zone(journey, policy, &us.session(ix).context);
+                        let tz =
+                            controls::zone(journey, policy, &us.session(ix).context, us.profile());
                         if let Some(release) = q.hold_until(cause.at, tz) {
                             us.session_mut(ix).timer = Some(release);
                             fx.held.push(journey.id.clone());
@@ -129,7 +130,7 @@ impl Engine {
                 let ctx = &us.session(ix).context;
                 let to = branches
                     .iter()
-                    .find(|(c, _)| c.eval(ctx))
+                    .find(|(c, _)| c.eval_in(ctx, us.profile()))
                     .map(|b| b.1)
                     .or(*default);
                 self.go(
@@ -214,7 +215,8 @@ impl Engine {
         } else if !ignore_caps {
             let policy = self.journeys.policy(&journey.application);
             if let Some(policy) = policy.filter(|p| p.caps_action(action)) {
-                let tz = controls::zone(journey, Some(policy), &us.session(ix).context);
+                let tz =
+                    controls::zone(journey, Some(policy), &us.session(ix).context, us.profile());
                 if controls::cap_reached(us.history(), &policy.caps, action, cause.at, tz) {
                     suppressed = Some("frequency_cap");
                 } else {

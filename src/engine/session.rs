@@ -139,11 +139,15 @@ pub struct Delivery {
     pub at: Millis,
 }
 
-/// A user's state in one application: sessions and history.
+/// A user's profile in one application: attributes that `profile.` conditions read.
+pub type Profile = Map<String, Value>;
+
+/// A user's state in one application: sessions, history and profile.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserState {
     pub sessions: Vec<Session>,
     pub history: History,
+    pub profile: Option<Profile>,
 }
 
 /// What identifies a session in the store: (journey, session key) under a user.
@@ -196,6 +200,11 @@ pub enum Change {
     },
     /// Write the user's history (delete it when empty).
     History { user_id: String, history: History },
+    /// Write the user's profile (delete it when `None`).
+    Profile {
+        user_id: String,
+        profile: Option<Profile>,
+    },
 }
 
 /// A store change, borrowed from the sessions it describes (see [`UserSessions::finish`]).
@@ -214,6 +223,11 @@ pub enum ChangeRef<'a> {
         user_id: &'a str,
         history: &'a History,
     },
+    /// The user's profile (deleted when `None`).
+    Profile {
+        user_id: &'a str,
+        profile: Option<&'a Profile>,
+    },
 }
 
 impl<'a> From<&'a Change> for ChangeRef<'a> {
@@ -228,6 +242,10 @@ impl<'a> From<&'a Change> for ChangeRef<'a> {
                 old_timer: *old_timer,
             },
             Change::History { user_id, history } => ChangeRef::History { user_id, history },
+            Change::Profile { user_id, profile } => ChangeRef::Profile {
+                user_id,
+                profile: profile.as_ref(),
+            },
         }
     }
 }
@@ -244,6 +262,8 @@ pub struct UserSessions {
     user_id: String,
     history: History,
     history_dirty: bool,
+    profile: Option<Profile>,
+    profile_dirty: bool,
 }
 
 impl UserSessions {
@@ -252,7 +272,30 @@ impl UserSessions {
         let mut us = UserSessions::new(state.sessions);
         us.user_id = user_id.to_string();
         us.history = state.history;
+        us.profile = state.profile;
         us
+    }
+
+    /// The user's profile, if one is stored.
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
+    }
+
+    /// Replaces the profile (`None` removes it), marked changed.
+    pub fn set_profile(&mut self, profile: Option<Profile>) {
+        self.profile = profile;
+        self.profile_dirty = true;
+    }
+
+    /// The profile, taken out (to merge into); put it back with [`UserSessions::set_profile`]
+    /// when it changed, [`UserSessions::return_profile`] when not.
+    pub fn take_profile(&mut self) -> Option<Profile> {
+        self.profile.take()
+    }
+
+    /// Puts back a profile taken out unchanged.
+    pub fn return_profile(&mut self, profile: Option<Profile>) {
+        self.profile = profile;
     }
 
     pub fn history(&self) -> &History {
@@ -350,6 +393,12 @@ impl UserSessions {
                 history: &self.history,
             });
         }
+        if self.profile_dirty {
+            stage(ChangeRef::Profile {
+                user_id: &self.user_id,
+                profile: self.profile.as_ref(),
+            });
+        }
         let mut kept = Vec::with_capacity(self.slots.len());
         for slot in self.slots {
             match slot.state {
@@ -374,6 +423,7 @@ impl UserSessions {
         UserState {
             sessions: kept,
             history: self.history,
+            profile: self.profile,
         }
     }
 
@@ -393,6 +443,12 @@ impl UserSessions {
             out.push(Change::History {
                 user_id: self.user_id.clone(),
                 history: self.history.clone(),
+            });
+        }
+        if std::mem::take(&mut self.profile_dirty) {
+            out.push(Change::Profile {
+                user_id: self.user_id.clone(),
+                profile: self.profile.clone(),
             });
         }
         let mut kept = Vec::with_capacity(self.slots.len());

@@ -31,7 +31,7 @@ pub(super) fn ev(name: &str, user: &str, at: &str, attrs: Value) -> Event {
 pub(super) fn apply(e: &Engine, us: &mut UserSessions, event: &Event) -> Effects {
     let mut fx = Effects::default();
     e.apply_event(event, us, &mut fx);
-    for intent in e.entry_intents(event, &mut fx) {
+    for intent in e.entry_intents(event, us.profile().cloned().as_ref(), &mut fx) {
         assert_eq!(intent.user_id, event.user_id);
         e.apply_entry(&intent, us, &mut fx);
     }
@@ -395,6 +395,7 @@ fn who_from_attribute() {
             "2026-11-28T10:00:00Z",
             json!({"targetIds": [1, "2", 2, 3, 4]}),
         ),
+        None,
         &mut fx,
     );
     let users: Vec<&str> = intents.iter().map(|i| i.user_id.as_str()).collect();
@@ -412,6 +413,7 @@ fn who_from_attribute() {
         let mut fx = Effects::default();
         let intents = e.entry_intents(
             &ev("invitation", "123", "2026-11-28T10:00:00Z", value.clone()),
+            None,
             &mut fx,
         );
         assert!(intents.is_empty(), "{value}");
@@ -425,6 +427,7 @@ fn who_from_attribute() {
             "2026-11-28T10:00:00Z",
             json!({"targetIds": 321}),
         ),
+        None,
         &mut fx,
     );
     assert_eq!(one.len(), 1);
@@ -446,7 +449,9 @@ fn entry_window_judged_on_event_time() {
         ("2026-12-24T23:00:00Z", false),
     ] {
         let mut fx = Effects::default();
-        let n = e.entry_intents(&ev("E", "u", at, json!({})), &mut fx).len();
+        let n = e
+            .entry_intents(&ev("E", "u", at, json!({})), None, &mut fx)
+            .len();
         assert_eq!(n == 1, enters, "{at}");
         if !enters {
             assert_eq!(fx.refused, [("xmas".to_string(), Refusal::OutsideWindow)]);
@@ -530,5 +535,5 @@ fn other_applications_are_not_seen() {
     );
     other.application = "other".into();
     let mut fx = Effects::default();
-    assert!(e.entry_intents(&other, &mut fx).is_empty());
+    assert!(e.entry_intents(&other, None, &mut fx).is_empty());
 }

@@ -208,7 +208,7 @@ fn too_many_targets_enters_nobody_into_that_journey_only() {
         "2026-12-01T10:00:00Z",
         json!({"to": [1, 2, 3, 4]}),
     );
-    let intents = e.entry_intents(&many, &mut fx);
+    let intents = e.entry_intents(&many, None, &mut fx);
     assert_eq!(refusals(&fx), ["too_many_targets"]);
     assert_eq!(intents.len(), 1, "journey b still sees the event");
     assert_eq!(intents[0].journey_id, "b");
@@ -219,7 +219,7 @@ fn too_many_targets_enters_nobody_into_that_journey_only() {
         "2026-12-01T10:00:00Z",
         json!({"to": [1, 2, 3, 3, "3"]}),
     );
-    assert_eq!(e.entry_intents(&three, &mut fx).len(), 4);
+    assert_eq!(e.entry_intents(&three, None, &mut fx).len(), 4);
 }
 
 #[test]

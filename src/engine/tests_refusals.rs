@@ -82,17 +82,17 @@ fn a_trigger_is_counted_with_the_first_reason_that_applies() {
     ];
     for (e, at, attrs, want) in cases {
         let mut fx = Effects::default();
-        let intents = e.entry_intents(&ev("E", "u", at, attrs.clone()), &mut fx);
+        let intents = e.entry_intents(&ev("E", "u", at, attrs.clone()), None, &mut fx);
         assert!(intents.is_empty(), "{attrs}");
         let got: Vec<&str> = fx.refused.iter().map(|(_, r)| r.as_str()).collect();
         assert_eq!(got, [want], "{at} {attrs}");
     }
     // A paused journey still matched the trigger: `matched` counts it, `condition_false` not.
     let mut fx = Effects::default();
-    paused.entry_intents(&ev("E", "u", INSIDE, json!({"ok": true})), &mut fx);
+    paused.entry_intents(&ev("E", "u", INSIDE, json!({"ok": true})), None, &mut fx);
     assert_eq!(fx.matched, ["j"]);
     let mut fx = Effects::default();
-    paused.entry_intents(&ev("E", "u", INSIDE, json!({"ok": false})), &mut fx);
+    paused.entry_intents(&ev("E", "u", INSIDE, json!({"ok": false})), None, &mut fx);
     assert!(fx.matched.is_empty());
 }
 
@@ -108,7 +108,7 @@ fn stateful_refusals_come_in_order() {
     let enter = |us: &mut UserSessions, at: &str, oid: i64| -> Vec<&'static str> {
         let mut fx = Effects::default();
         let event = ev("E", "u", at, json!({"ok": true, "oid": oid, "to": "u"}));
-        for intent in e.entry_intents(&event, &mut fx) {
+        for intent in e.entry_intents(&event, None, &mut fx) {
             e.apply_entry(&intent, us, &mut fx);
         }
         us.changes();
@@ -138,7 +138,7 @@ fn reentry_is_judged_before_max_entries() {
     let enter = |us: &mut UserSessions, at: &str| -> Vec<&'static str> {
         let mut fx = Effects::default();
         let event = ev("E", "u", at, json!({"ok": true, "oid": 7, "to": "u"}));
-        for intent in e.entry_intents(&event, &mut fx) {
+        for intent in e.entry_intents(&event, None, &mut fx) {
             e.apply_entry(&intent, us, &mut fx);
         }
         assert_eq!(us.active().count(), 0);

@@ -83,16 +83,74 @@ pub struct Conditions {
 }
 
 impl Conditions {
-    /// True when the list holds for these attributes.
+    /// True when the list holds for these attributes, with no profile.
     pub fn eval(&self, attrs: &Map<String, Value>) -> bool {
+        self.eval_in(attrs, None)
+    }
+
+    /// True when the list holds for these attributes (event attributes or a session context)
+    /// and the user's profile (read by `profile.` names).
+    pub fn eval_in(
+        &self,
+        attrs: &Map<String, Value>,
+        profile: Option<&Map<String, Value>>,
+    ) -> bool {
         if self.list.is_empty() {
             return true;
         }
         if self.any {
-            self.list.iter().any(|c| c.eval(attrs))
+            self.list.iter().any(|c| c.eval_in(attrs, profile))
         } else {
-            self.list.iter().all(|c| c.eval(attrs))
+            self.list.iter().all(|c| c.eval_in(attrs, profile))
         }
+    }
+
+    /// The list judged without the profile: `Some(answer)` when the conditions on the
+    /// attributes decide it whatever the profile holds, `None` when it depends on conditions
+    /// that read the profile (a `who: {attribute}` entry decides those on each target's
+    /// partition).
+    pub fn eval_without_profile(&self, attrs: &Map<String, Value>) -> Option<bool> {
+        if self.list.is_empty() {
+            return Some(true);
+        }
+        let mut unknown = false;
+        for c in &self.list {
+            if c.reads_profile() {
+                unknown = true;
+                continue;
+            }
+            let held = c.eval_in(attrs, None);
+            if held == self.any {
+                // `any` and one holds, or `all` and one fails: decided.
+                return Some(held);
+            }
+        }
+        if unknown {
+            None
+        } else {
+            Some(!self.any)
+        }
+    }
+
+    /// Whether some condition reads the user's profile.
+    pub fn reads_profile(&self) -> bool {
+        self.list.iter().any(Condition::reads_profile)
+    }
+}
+
+/// The prefix of attribute names that read the user's stored profile.
+pub const PROFILE_PREFIX: &str = "profile.";
+
+/// Finds a condition's attribute: a `profile.` name in the profile (by the rest of the name),
+/// any other in `attrs`.
+pub fn lookup_in<'a>(
+    attrs: &'a Map<String, Value>,
+    profile: Option<&'a Map<String, Value>>,
+    name: &str,
+) -> Option<&'a Value> {
+    match name.strip_prefix(PROFILE_PREFIX) {
+        Some(rest) => lookup(profile?, rest),
+        None => lookup(attrs, name),
     }
 }
 
@@ -117,9 +175,24 @@ fn num(v: &Value) -> Option<f64> {
 }
 
 impl Condition {
-    /// Evaluates this condition against event attributes or a session context.
+    /// Evaluates this condition against event attributes or a session context, with no profile.
     pub fn eval(&self, attrs: &Map<String, Value>) -> bool {
-        let v = match lookup(attrs, &self.attribute) {
+        self.eval_in(attrs, None)
+    }
+
+    /// Whether the condition reads the user's profile (its attribute starts with `profile.`).
+    pub fn reads_profile(&self) -> bool {
+        self.attribute.starts_with(PROFILE_PREFIX)
+    }
+
+    /// Evaluates this condition against event attributes or a session context and the user's
+    /// profile.
+    pub fn eval_in(
+        &self,
+        attrs: &Map<String, Value>,
+        profile: Option<&Map<String, Value>>,
+    ) -> bool {
+        let v = match lookup_in(attrs, profile, &self.attribute) {
             Some(v) => v,
             None => return matches!(self.op, Op::NotExists),
         };

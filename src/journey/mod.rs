@@ -171,8 +171,14 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    pub fn matches(&self, name: &str, attributes: &Map<String, Value>) -> bool {
-        self.event == name && self.conditions.eval(attributes)
+    /// Whether the event (name and attributes) matches, for a user with this profile.
+    pub fn matches(
+        &self,
+        name: &str,
+        attributes: &Map<String, Value>,
+        profile: Option<&Map<String, Value>>,
+    ) -> bool {
+        self.event == name && self.conditions.eval_in(attributes, profile)
     }
 }
 
@@ -325,6 +331,9 @@ pub struct Interest {
     /// Whether some journey of the application waits for this event or has it as a goal, so the
     /// user's live sessions must be looked at.
     pub sessions: bool,
+    /// Whether the entry conditions of some `who: "event_user"` journey of these read the
+    /// profile, so the event user's state must be loaded before entries are decided.
+    pub entry_profile: bool,
 }
 
 /// All loaded journeys, sorted by id, with an index from (application, event) to interest.
@@ -358,10 +367,11 @@ impl JourneySet {
         let mut interest: HashMap<String, HashMap<String, Interest>> = HashMap::new();
         for (ix, j) in journeys.iter().enumerate() {
             let app = interest.entry(j.application.clone()).or_default();
-            app.entry(j.entry.event.clone())
-                .or_default()
-                .entries
-                .push(ix);
+            let it = app.entry(j.entry.event.clone()).or_default();
+            it.entries.push(ix);
+            if j.entry.who == Who::EventUser && j.entry.conditions.reads_profile() {
+                it.entry_profile = true;
+            }
         }
         for j in versions.values().flat_map(|v| v.values()) {
             let app = interest.entry(j.application.clone()).or_default();

@@ -7,7 +7,7 @@ use chrono::{Datelike, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike};
 use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
-use super::condition::{kind, lookup};
+use super::condition::{kind, lookup_in};
 use super::window::first_after_gap;
 use super::{Problem, Problems};
 use crate::time::Millis;
@@ -125,10 +125,15 @@ impl Policy {
     }
 }
 
-/// The user's zone: the IANA name in `context` under `attribute`, else `default` (a name that
-/// is not a known zone counts as absent).
-pub fn user_zone(context: &Map<String, Value>, attribute: &str, default: Tz) -> Tz {
-    match lookup(context, attribute) {
+/// The user's zone: the IANA name in `context` under `attribute` (in the profile for a
+/// `profile.` name), else `default` (a name that is not a known zone counts as absent).
+pub fn user_zone(
+    context: &Map<String, Value>,
+    profile: Option<&Map<String, Value>>,
+    attribute: &str,
+    default: Tz,
+) -> Tz {
+    match lookup_in(context, profile, attribute) {
         Some(Value::String(s)) => s.parse::<Tz>().unwrap_or(default),
         _ => default,
     }

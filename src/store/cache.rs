@@ -157,7 +157,12 @@ pub fn weight(prefix_len: usize, state: &UserState) -> usize {
             .iter()
             .map(|d| VALUE_COST + d.action.len())
             .sum::<usize>();
-    USER_COST + 2 * prefix_len + sessions + history
+    let profile: usize = state.profile.as_ref().map_or(0, |p| {
+        p.iter()
+            .map(|(k, v)| ENTRY_COST + k.len() + value_weight(v))
+            .sum()
+    });
+    USER_COST + 2 * prefix_len + sessions + history + profile
 }
 
 fn value_weight(v: &Value) -> usize {
@@ -198,6 +203,7 @@ mod tests {
                 holdout: false,
             }],
             history: Default::default(),
+            profile: None,
         }
     }
 

@@ -12,7 +12,7 @@ pub mod rocks;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::engine::{Change, ChangeRef, History, Session, UserState};
+use crate::engine::{Change, ChangeRef, History, Profile, Session, UserState};
 use crate::time::Millis;
 
 /// The tables of a store.
@@ -205,6 +205,23 @@ fn is_history_key(prefix_len: usize, k: &[u8]) -> bool {
     k.len() == prefix_len + 5 && k[prefix_len..] == [0, 0, 0, 0, 0]
 }
 
+/// The session-key name under which a user's profile is kept (with an empty journey id, which
+/// no session has: see [`history_key`]).
+const PROFILE_NAME: &str = "profile";
+
+/// The key of a user's profile: beside the history, under the user prefix, so the prefix scan
+/// that loads the sessions loads it, the changelog carries it, and an erasure deletes it.
+pub fn profile_key(application: &str, user: &str) -> Vec<u8> {
+    session_key(application, user, "", Some(PROFILE_NAME))
+}
+
+fn is_profile_key(prefix_len: usize, k: &[u8]) -> bool {
+    const TAIL: &[u8] = &[
+        0, 0, 0, 0, 1, 0, 0, 0, 7, b'p', b'r', b'o', b'f', b'i', b'l', b'e',
+    ];
+    k.len() == prefix_len + TAIL.len() && &k[prefix_len..] == TAIL
+}
+
 pub fn timer_key(
     due: Millis,
     application: &str,
@@ -233,6 +250,15 @@ pub fn decode_timer_key(k: &[u8]) -> Option<TimerRef> {
     })
 }
 
+/// The application and user of a per-user record (history or profile) whose key `is_kind`
+/// recognises after its user prefix.
+fn user_record(k: &[u8], is_kind: fn(usize, &[u8]) -> bool) -> Option<(String, String)> {
+    let mut r = Reader(k.get(8..)?);
+    let (app, user) = (r.str()?, r.str()?);
+    let prefix_len = k.len() - r.0.len();
+    is_kind(prefix_len, k).then_some((app, user))
+}
+
 /// Journey state over a [`Store`]: the typed operations the processor needs.
 ///
 /// Writes are staged in memory and visible to every read through this `State` at once; they reach
@@ -253,6 +279,9 @@ pub struct State<S: Store> {
     /// The largest key + value staged since [`State::take_largest_write`] (what a changelog
     /// record of it would weigh).
     largest_write: usize,
+    /// Profiles stored (staged writes included): counted when the state opens or drops staged
+    /// work, kept by [`State::note_profiles`] between.
+    profiles: i64,
 }
 
 fn slot(t: Table) -> usize {
@@ -272,26 +301,33 @@ impl<S: Store> State<S> {
             cache: cache::Cache::default(),
             timers: BTreeSet::new(),
             largest_write: 0,
+            profiles: 0,
         };
         state.rebuild_timers()?;
         Ok(state)
     }
 
-    /// Rebuilds the timer index from the sessions (store and staged writes).
+    /// Rebuilds the timer index from the sessions (store and staged writes), and counts the
+    /// stored profiles.
     fn rebuild_timers(&mut self) -> Result<()> {
         let mut timers = BTreeSet::new();
-        self.all_sessions(&mut |app, s| {
-            if let Some(due) = s.timer {
-                timers.insert(timer_key(
-                    due,
-                    app,
-                    &s.user_id,
-                    &s.journey_id,
-                    s.key.as_deref(),
-                ));
-            }
-            true
-        })?;
+        let mut profiles = 0;
+        self.visit_sessions(
+            &mut |app, s| {
+                if let Some(due) = s.timer {
+                    timers.insert(timer_key(
+                        due,
+                        app,
+                        &s.user_id,
+                        &s.journey_id,
+                        s.key.as_deref(),
+                    ));
+                }
+                true
+            },
+            &mut || profiles += 1,
+        )?;
+        self.profiles = profiles;
         self.timers = timers;
         Ok(())
     }
@@ -443,6 +479,8 @@ impl<S: Store> State<S> {
         self.scan(Table::Sessions, prefix, Some(prefix), &mut |k, v| {
             let decoded = if is_history_key(prefix.len(), k) {
                 serde_json::from_slice::<History>(v).map(|h| out.history = h)
+            } else if is_profile_key(prefix.len(), k) {
+                serde_json::from_slice::<Profile>(v).map(|p| out.profile = Some(p))
             } else {
                 serde_json::from_slice::<Session>(v).map(|s| out.sessions.push(s))
             };
@@ -487,6 +525,15 @@ impl<S: Store> State<S> {
 
     /// Every session, in key order, with its application (for inspection and gauges).
     pub fn all_sessions(&self, f: &mut dyn FnMut(&str, Session) -> bool) -> Result<()> {
+        self.visit_sessions(f, &mut || {})
+    }
+
+    /// Every session (to `f`) and every profile (counted by `profile`), in one scan.
+    fn visit_sessions(
+        &self,
+        f: &mut dyn FnMut(&str, Session) -> bool,
+        profile: &mut dyn FnMut(),
+    ) -> Result<()> {
         self.scan(Table::Sessions, &[], None, &mut |k, v| {
             let Some(rest) = k.get(8..) else {
                 return true;
@@ -494,8 +541,17 @@ impl<S: Store> State<S> {
             let mut r = Reader(rest);
             let app = r.str().unwrap_or_default();
             let _user = r.str();
-            if r.str().is_none_or(|journey| journey.is_empty()) {
-                return true; // a history record
+            match r.str() {
+                // A history or a profile.
+                Some(journey) if journey.is_empty() => {
+                    let prefix_len = k.len() - r.0.len() - 4;
+                    if is_profile_key(prefix_len, k) {
+                        profile();
+                    }
+                    return true;
+                }
+                None => return true,
+                Some(_) => {}
             }
             match serde_json::from_slice::<Session>(v) {
                 Ok(s) => f(&app, s),
@@ -507,21 +563,50 @@ impl<S: Store> State<S> {
     /// Every user's history (entries and deliveries), with application and user.
     pub fn all_histories(&self, f: &mut dyn FnMut(&str, &str, History) -> bool) -> Result<()> {
         self.scan(Table::Sessions, &[], None, &mut |k, v| {
-            let Some(rest) = k.get(8..) else {
+            let Some((app, user)) = user_record(k, is_history_key) else {
                 return true;
             };
-            let mut r = Reader(rest);
-            let (Some(app), Some(user)) = (r.str(), r.str()) else {
-                return true;
-            };
-            if r.str().is_none_or(|journey| !journey.is_empty()) {
-                return true;
-            }
             match serde_json::from_slice::<History>(v) {
                 Ok(h) => f(&app, &user, h),
                 Err(_) => true,
             }
         })
+    }
+
+    /// Every user's profile, with application and user.
+    pub fn all_profiles(&self, f: &mut dyn FnMut(&str, &str, Profile) -> bool) -> Result<()> {
+        self.scan(Table::Sessions, &[], None, &mut |k, v| {
+            let Some((app, user)) = user_record(k, is_profile_key) else {
+                return true;
+            };
+            match serde_json::from_slice::<Profile>(v) {
+                Ok(p) => f(&app, &user, p),
+                Err(_) => true,
+            }
+        })
+    }
+
+    /// A user's profile in `application`, staged writes included.
+    pub fn profile(&self, application: &str, user: &str) -> Result<Option<Profile>> {
+        match self.get(Table::Sessions, &profile_key(application, user))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    key: format!("profile of {application}/{user}"),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// How many profiles are stored (staged writes included).
+    pub fn profiles(&self) -> i64 {
+        self.profiles
+    }
+
+    /// Notes profiles stored (`+1`) or removed (`-1`) by staged changes.
+    pub fn note_profiles(&mut self, delta: i64) {
+        self.profiles += delta;
     }
 
     /// The earliest timer's due time.
@@ -610,6 +695,17 @@ impl<S: Store> State<S> {
                 let sk = session_key(application, user, journey, key);
                 self.stage_raw(Table::Sessions, sk, None);
                 self.cache_apply(application, session, true);
+                None
+            }
+            ChangeRef::Profile { user_id, profile } => {
+                let k = profile_key(application, user_id);
+                let value =
+                    profile.map(|p| serde_json::to_vec(p).expect("profiles always serialise"));
+                self.stage_raw(Table::Sessions, k, value);
+                self.cache
+                    .update(&user_prefix(application, user_id), |state| {
+                        state.profile = profile.cloned()
+                    });
                 None
             }
             ChangeRef::History { user_id, history } => {
