@@ -29,6 +29,7 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub group_id: String,
     pub input_topics: Vec<String>,
+    pub profile_topics: Vec<String>,
     pub partitions: i32,
     pub replication_factor: i32,
     pub session_timeout_ms: u64,
@@ -86,6 +87,7 @@ pub struct ProcessingConfig {
     pub max_future_ms: u64,
     pub max_targets: usize,
     pub max_sessions_per_user: usize,
+    pub max_profile_bytes: usize,
     pub timer_tick_ms: u64,
     pub clock_offset_ms: i64,
 }
@@ -186,6 +188,7 @@ pub fn load(
         let key = lower[section.len() + 1..].to_string();
         let expected = defaults[&section].get(&key);
         let v = match expected {
+            Some(Value::Array(_)) if value.trim().is_empty() => Value::Array(Vec::new()),
             Some(Value::Array(_)) => Value::Array(
                 value
                     .split(',')
@@ -405,6 +408,15 @@ impl Config {
                 self.kafka.replication_factor
             ));
         }
+        for t in &self.kafka.profile_topics {
+            if t.trim().is_empty() {
+                e.push("kafka.profile_topics: a topic name is empty".to_string());
+            } else if self.kafka.input_topics.contains(t) {
+                e.push(format!(
+                    "kafka.profile_topics: {t} is also an input topic; a topic holds events or profiles, not both"
+                ));
+            }
+        }
         let t = &self.topics;
         let outputs = [
             &t.entries,
@@ -421,6 +433,11 @@ impl Config {
             if self.kafka.input_topics.contains(a) {
                 e.push(format!(
                     "topics: {a} is also an input topic; outputs and inputs must differ"
+                ));
+            }
+            if self.kafka.profile_topics.contains(a) {
+                e.push(format!(
+                    "topics: {a} is also a profile topic; outputs and inputs must differ"
                 ));
             }
         }
@@ -469,6 +486,9 @@ impl Config {
         }
         if self.processing.max_targets == 0 {
             e.push("processing.max_targets: must be at least 1".into());
+        }
+        if self.processing.max_profile_bytes == 0 {
+            e.push("processing.max_profile_bytes: must be at least 1".into());
         }
         if self.processing.max_sessions_per_user == 0 {
             e.push("processing.max_sessions_per_user: must be at least 1".into());

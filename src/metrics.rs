@@ -29,6 +29,9 @@ pub struct Metrics {
     pub quiet_held: IntGaugeVec,
     pub dead_letters: IntCounterVec,
     pub routed: IntCounter,
+    pub profile_updates: IntCounter,
+    pub erasures: IntCounter,
+    pub profiles_stored: IntGauge,
     pub timers_fired: IntCounter,
     pub timer_lateness: Histogram,
     pub latency: Histogram,
@@ -269,6 +272,25 @@ impl Metrics {
                 "waymark_routed_total",
                 "Records forwarded to the partition that owns their user",
             ),
+            profile_updates: counter(
+                &r,
+                "waymark_profile_updates_total",
+                "Profile updates merged into users' stored profiles",
+            ),
+            erasures: counter(
+                &r,
+                "waymark_erasures_total",
+                "Profile erasures applied (a user's profile, sessions and history removed)",
+            ),
+            profiles_stored: {
+                let g = IntGauge::new(
+                    "waymark_profiles_stored",
+                    "Users' profiles held in the partitions this instance owns",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             timers_fired: counter(
                 &r,
                 "waymark_timers_fired_total",

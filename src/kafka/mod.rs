@@ -250,6 +250,25 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
         .collect();
     wanted.push((cfg.topics.route.clone(), n));
     let mut co_partitioned = vec![&cfg.topics.route];
+    // Profile topics are joined like a table: a user's profile lives in the user's partition.
+    for t in &cfg.kafka.profile_topics {
+        wanted.push((t.clone(), n));
+        co_partitioned.push(t);
+    }
+    // A profile topic waymark creates is compacted: only each user's latest record matters.
+    let mut compacted: Vec<Compacted<'_>> = cfg
+        .kafka
+        .profile_topics
+        .iter()
+        .map(|t| Compacted {
+            topic: t,
+            min_lag_ms: 0,
+        })
+        .collect();
+    compacted.push(Compacted {
+        topic: &cfg.topics.changelog,
+        min_lag_ms: cfg.state.changelog_min_compaction_lag_ms,
+    });
     if cfg.state.changelog {
         wanted.push((cfg.topics.changelog.clone(), n));
         co_partitioned.push(&cfg.topics.changelog);
@@ -262,16 +281,7 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
     ] {
         wanted.push((t.clone(), cfg.kafka.partitions));
     }
-    let now = ensure_topics(
-        brokers,
-        &wanted,
-        cfg.kafka.replication_factor,
-        &[Compacted {
-            topic: &cfg.topics.changelog,
-            min_lag_ms: cfg.state.changelog_min_compaction_lag_ms,
-        }],
-    )
-    .await?;
+    let now = ensure_topics(brokers, &wanted, cfg.kafka.replication_factor, &compacted).await?;
     let mut problems = Vec::new();
     for t in cfg.kafka.input_topics.iter().chain(co_partitioned) {
         let have = now[t];
@@ -281,9 +291,10 @@ pub async fn prepare_topics(cfg: &Config) -> anyhow::Result<i32> {
     }
     if !problems.is_empty() {
         bail!(
-            "input, route and changelog topics must have the same number of partitions ({n}, as {} \
-             has), so that every user's state lives in one partition; but {}. Recreate the route \
-             and changelog topics with {n} partitions or use input topics of equal size.",
+            "input, profile, route and changelog topics must have the same number of partitions \
+             ({n}, as {} has), so that every user's state lives in one partition; but {}. Recreate \
+             the route and changelog topics with {n} partitions or use input and profile topics \
+             of equal size.",
             cfg.kafka.input_topics[0],
             problems.join(", ")
         );

@@ -461,6 +461,7 @@ impl Core {
             max_targets: self.cfg.processing.max_targets,
             max_sessions_per_user: self.cfg.processing.max_sessions_per_user,
         });
+        proc.set_max_profile_bytes(self.cfg.processing.max_profile_bytes);
         // Keys whose newest changelog record was dropped (a dead writer's unfinished
         // batch, a zombie's) get their restored value written again with the claim, so
         // that compaction keeps a committed value for them.
@@ -514,6 +515,7 @@ impl Core {
         part.proc.archive_sessions(now, &mut self.out)?;
         part.proc.collect_versions()?;
         self.publish(p, None, false);
+        self.set_profile_gauge();
         Ok(())
     }
 
@@ -585,6 +587,7 @@ impl Core {
         }
         self.batch_inputs = 0;
         self.batch_started = Instant::now();
+        self.set_profile_gauge();
         Ok(())
     }
 
@@ -756,6 +759,8 @@ impl Core {
             }
             let result = if topic == self.cfg.topics.route {
                 self.handle_route(m, p, record_time)
+            } else if self.cfg.kafka.profile_topics.iter().any(|t| t == topic) {
+                self.handle_profile(m, p, record_time)
             } else {
                 self.handle_input(m, p, record_time)
             };
@@ -790,46 +795,150 @@ impl Core {
         let default_id = format!("{}/{}/{}", m.topic(), p, m.offset());
         let owner = owner_of(raw.user_id(), self.partitions);
         if owner != p {
-            let mut headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_KIND,
-                    value: Some("event"),
-                })
-                .insert(Header {
-                    key: HEADER_EVENT_ID,
-                    value: Some(&default_id),
-                })
-                .insert(Header {
-                    key: HEADER_SOURCE_TOPIC,
-                    value: Some(m.topic()),
-                })
-                .insert(Header {
-                    key: HEADER_SOURCE_PARTITION,
-                    value: Some(&p.to_string()),
-                })
-                .insert(Header {
-                    key: HEADER_SOURCE_OFFSET,
-                    value: Some(&m.offset().to_string()),
-                });
-            if let Some(t) = record_time {
-                headers = headers.insert(Header {
-                    key: HEADER_RECORD_TIME,
-                    value: Some(&t.to_string()),
-                });
-            }
-            let route = self.cfg.topics.route.clone();
-            self.send(
-                &route,
-                Some(owner),
+            self.forward(
+                m,
+                p,
+                owner,
+                "event",
                 raw.user_id(),
-                payload,
-                Some(headers),
-                None,
+                &default_id,
+                record_time,
             );
-            self.metrics.routed.inc();
             return Ok(());
         }
         self.process_raw(m, raw, p, record_time, default_id)
+    }
+
+    /// Sends an input read on partition `p` to the route topic's partition `owner`, which owns
+    /// its user, with where it was read (for its default event id and dead letters).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        p: i32,
+        owner: i32,
+        kind: &str,
+        user_id: &str,
+        default_id: &str,
+        record_time: Option<Millis>,
+    ) {
+        let payload = m.payload().unwrap_or(&[]);
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: HEADER_KIND,
+                value: Some(kind),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(default_id),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE_TOPIC,
+                value: Some(m.topic()),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE_PARTITION,
+                value: Some(&p.to_string()),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE_OFFSET,
+                value: Some(&m.offset().to_string()),
+            });
+        if let Some(t) = record_time {
+            headers = headers.insert(Header {
+                key: HEADER_RECORD_TIME,
+                value: Some(&t.to_string()),
+            });
+        }
+        let route = self.cfg.topics.route.clone();
+        self.send(&route, Some(owner), user_id, payload, Some(headers), None);
+        self.metrics.routed.inc();
+    }
+
+    /// A profile topic's record: decoded (a bad one is a dead letter), forwarded to the partition
+    /// that owns its user if read elsewhere, else applied.
+    fn handle_profile(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        p: i32,
+        record_time: Option<Millis>,
+    ) -> anyhow::Result<()> {
+        let payload = m.payload().unwrap_or(&[]);
+        let record = match crate::profile::decode(payload, self.cfg.processing.max_event_bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.dead_letter(m, &e);
+                return Ok(());
+            }
+        };
+        let owner = owner_of(record.user_id(), self.partitions);
+        if owner != p {
+            let default_id = format!("{}/{}/{}", m.topic(), p, m.offset());
+            self.forward(
+                m,
+                p,
+                owner,
+                "profile",
+                record.user_id(),
+                &default_id,
+                record_time,
+            );
+            return Ok(());
+        }
+        self.process_profile(m, &record, p, record_time)
+    }
+
+    /// Why an input stamped `time` is refused as too far ahead of the clock, if it is.
+    fn in_future(&self, time: Millis) -> Option<EventError> {
+        let horizon = self
+            .clock
+            .now_ms()
+            .saturating_add(self.cfg.processing.max_future_ms.min(i64::MAX as u64) as i64);
+        (time > horizon).then(|| {
+            EventError::InFuture(format!(
+                "{} is more than processing.max_future_ms ({} ms) ahead of the clock",
+                crate::time::format_millis(time),
+                self.cfg.processing.max_future_ms
+            ))
+        })
+    }
+
+    /// Applies a profile record on the partition that owns its user: timed like an event (its
+    /// `timestamp`, else the record's); a refused update is a dead letter.
+    fn process_profile(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        record: &crate::profile::ProfileRecord,
+        p: i32,
+        record_time: Option<Millis>,
+    ) -> anyhow::Result<()> {
+        let Some(time) = record.time().or(record_time) else {
+            self.dead_letter(m, &EventError::NoTime);
+            return Ok(());
+        };
+        if let Some(e) = self.in_future(time) {
+            self.dead_letter(m, &e);
+            return Ok(());
+        }
+        let part = self.parts.get_mut(&p).expect("owned");
+        let applied = part.proc.on_profile(record, time, &mut self.out)?;
+        if self.poison_if_oversized(m, p) {
+            return Ok(());
+        }
+        match applied {
+            Ok(crate::processor::ProfileApplied::Updated) => self.metrics.profile_updates.inc(),
+            Ok(crate::processor::ProfileApplied::Erased) => self.metrics.erasures.inc(),
+            Err(e) => self.dead_letter(m, &e),
+        }
+        self.set_profile_gauge();
+        self.publish(p, record_time, false);
+        Ok(())
+    }
+
+    /// `waymark_profiles_stored`: the profiles of the partitions this member holds.
+    fn set_profile_gauge(&self) {
+        let n = self.parts.values().map(|p| p.proc.state().profiles()).sum();
+        self.metrics.profiles_stored.set(n);
     }
 
     fn process_raw(
@@ -844,16 +953,7 @@ impl Core {
             self.dead_letter(m, &EventError::NoTime);
             return Ok(());
         };
-        let horizon = self
-            .clock
-            .now_ms()
-            .saturating_add(self.cfg.processing.max_future_ms.min(i64::MAX as u64) as i64);
-        if time > horizon {
-            let e = EventError::InFuture(format!(
-                "{} is more than processing.max_future_ms ({} ms) ahead of the clock",
-                crate::time::format_millis(time),
-                self.cfg.processing.max_future_ms
-            ));
+        if let Some(e) = self.in_future(time) {
             self.dead_letter(m, &e);
             return Ok(());
         }
@@ -926,6 +1026,19 @@ impl Core {
                     .and_then(|s| s.parse().ok())
                     .or(record_time);
                 self.process_raw(m, raw, p, t, default_id)
+            }
+            Some("profile") => {
+                let record = match crate::profile::decode(payload, 0) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.dead_letter(m, &e);
+                        return Ok(());
+                    }
+                };
+                let t = header(HEADER_RECORD_TIME)
+                    .and_then(|s| s.parse().ok())
+                    .or(record_time);
+                self.process_profile(m, &record, p, t)
             }
             Some("entry") => {
                 let intent: EntryIntent = match serde_json::from_slice(payload) {
@@ -1717,6 +1830,7 @@ impl Core {
             info!(partition = p, "partition state closed");
         }
         self.metrics.partitions_assigned.set(0);
+        self.set_profile_gauge();
         Ok(())
     }
 
@@ -1771,6 +1885,7 @@ impl Core {
                 .kafka
                 .input_topics
                 .iter()
+                .chain(&self.cfg.kafka.profile_topics)
                 .chain(std::iter::once(&self.cfg.topics.route))
                 .cloned()
                 .collect();
@@ -2096,7 +2211,13 @@ pub fn run(
             high: Mutex::new(HashMap::new()),
         })
         .context("creating the consumer")?;
-    let mut topics: Vec<&str> = cfg.kafka.input_topics.iter().map(String::as_str).collect();
+    let mut topics: Vec<&str> = cfg
+        .kafka
+        .input_topics
+        .iter()
+        .chain(&cfg.kafka.profile_topics)
+        .map(String::as_str)
+        .collect();
     topics.push(&cfg.topics.route);
     consumer.subscribe(&topics).context("subscribing")?;
     info!(topics = %topics.join(","), group = %cfg.kafka.group_id, partitions, "consuming");
