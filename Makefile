@@ -12,7 +12,7 @@ PROFILE := --release
 # the release image (deploy/Dockerfile) is built without them.
 FEATURES := --features failpoints
 
-.PHONY: help deps build test test-unit lint broker broker-stop demo fuzz bench bench-core bench-replay bench-kafka bench-guarantees chaos validate clean
+.PHONY: help deps build test test-unit lint broker broker-stop demo fuzz bench bench-core bench-replay bench-profiles bench-backtest bench-kafka bench-guarantees chaos validate clean
 
 help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ bench-core: ## Criterion benchmarks of condition matching and the engine step
 
 bench-replay: build ## 1M events, 100k users, 10 journeys through `waymark replay --state`
 	@scripts/bench-replay.sh $(BIN)
+
+bench-profiles: build ## The 1M-event replay workload with 1M profiles loaded and journeys reading them, vs without (target 80%)
+	@scripts/bench-profiles.sh $(BIN)
 
 bench-backtest: build broker ## backtest vs replay on the 1M workload, and backtest from Kafka vs a consume-only read of the same range (targets 90% and 80%)
 	@scripts/bench-backtest.sh $(BIN) $(BROKERS)

@@ -14,12 +14,27 @@ pub const JOURNEYS: usize = 10;
 
 /// Writes the ten benchmark journeys into `dir`.
 pub fn write_journeys(dir: &Path) -> std::io::Result<()> {
+    write_journeys_reading(dir, false)
+}
+
+/// Writes the ten benchmark journeys; with `profile`, their entry conditions and goals also read
+/// the user's profile (conditions every profile of [`write_profiles`] meets, so the records are
+/// those of the journeys without: the same work, plus the profile's).
+pub fn write_journeys_reading(dir: &Path, profile: bool) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for j in 0..JOURNEYS {
         let multiple = j % 2 == 1;
+        let mut conditions = vec![json!({ "attribute": "amount", "operator": "gte", "value": 1 })];
+        let mut goal_conditions = Vec::new();
+        if profile {
+            conditions.push(json!({ "attribute": "profile.plan", "operator": "in",
+                                    "value": ["free", "pro", "team"] }));
+            goal_conditions.push(json!({ "attribute": "profile.address.country",
+                                         "operator": "exists" }));
+        }
         let mut entry = json!({
             "event": format!("Trigger{j}"),
-            "conditions": [ { "attribute": "amount", "operator": "gte", "value": 1 } ],
+            "conditions": conditions,
         });
         if multiple {
             entry["sessions"] = json!({ "multiple": { "identifier": "order_id" } });
@@ -37,12 +52,43 @@ pub fn write_journeys(dir: &Path) -> std::io::Result<()> {
                 { "id": "pause", "type": "delay", "duration": "1h", "next": "end" },
                 { "id": "end", "type": "exit" }
             ],
-            "goals": [ { "id": "goal", "event": format!("Goal{j}"), "within": "1d", "exit": j % 3 == 0 } ]
+            "goals": [ { "id": "goal", "event": format!("Goal{j}"), "within": "1d",
+                         "exit": j % 3 == 0, "conditions": goal_conditions } ]
         });
         std::fs::write(
             dir.join(format!("bench-{j}.json")),
             serde_json::to_string_pretty(&journey)?,
         )?;
+    }
+    Ok(())
+}
+
+/// Writes a profile record (a `replay` line: `"type": "profile"`) for each of `users` users, of
+/// about 300 bytes, stamped at `at_ms`. Users are numbered as in [`write_events`].
+pub fn write_profiles(
+    out: &mut dyn Write,
+    users: u64,
+    seed: u64,
+    at_ms: i64,
+) -> std::io::Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9);
+    let mut line = String::with_capacity(400);
+    for user in 0..users {
+        use std::fmt::Write as _;
+        line.clear();
+        let plan = ["free", "pro", "team"][rng.gen_range(0..3)];
+        let country = ["DE", "FR", "US", "BR", "JP"][rng.gen_range(0..5)];
+        let _ = write!(
+            line,
+            r#"{{"type":"profile","application":"{APPLICATION}","userId":{user},"attributes":{{"plan":"{plan}","name":"User {user}","email":"user{user}@example.com","address":{{"city":"City {}","country":"{country}"}},"timezone":"Europe/Berlin","push_opt_in":{},"signup_day":{},"tags":["t{}","t{}"]}},"timestamp":{at_ms}}}"#,
+            rng.gen_range(0..1000),
+            rng.gen_bool(0.7),
+            rng.gen_range(0..3650),
+            rng.gen_range(0..50),
+            rng.gen_range(0..50),
+        );
+        line.push('\n');
+        out.write_all(line.as_bytes())?;
     }
     Ok(())
 }

@@ -217,6 +217,12 @@ enum Command {
         /// Write the journeys with every journey control of contract section 5 on, and a policy.
         #[arg(long)]
         controls: bool,
+        /// Also write a profile record for each of `--profile-users` users to this file (replay
+        /// lines), and journeys whose conditions read the profile.
+        #[arg(long)]
+        profiles: Option<PathBuf>,
+        #[arg(long, default_value_t = 1_000_000)]
+        profile_users: u64,
     },
 }
 
@@ -322,12 +328,22 @@ fn main() -> ExitCode {
             users,
             seed,
             controls,
+            profiles,
+            profile_users,
         } => {
             let result = (|| -> std::io::Result<()> {
                 if controls {
                     waymark::loadgen::write_control_journeys(&journeys)?;
                 } else {
-                    waymark::loadgen::write_journeys(&journeys)?;
+                    waymark::loadgen::write_journeys_reading(&journeys, profiles.is_some())?;
+                }
+                if let Some(path) = &profiles {
+                    let mut out =
+                        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+                    // A day before the first event.
+                    let at = 1_795_860_000_000 - 86_400_000;
+                    waymark::loadgen::write_profiles(&mut out, profile_users, seed, at)?;
+                    std::io::Write::flush(&mut out)?;
                 }
                 let mut out: Box<dyn std::io::Write> = if events.as_os_str() == "-" {
                     Box::new(std::io::stdout().lock())
