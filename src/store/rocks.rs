@@ -10,6 +10,15 @@ use rocksdb::{
 
 use super::{Batch, Result, Store, StoreError, Table};
 
+/// The block cache every store of the process shares (data, index and filter blocks): one
+/// bound on that memory however many partitions a member holds.
+pub const BLOCK_CACHE_BYTES: usize = 128 << 20;
+
+fn block_cache() -> &'static rocksdb::Cache {
+    static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES))
+}
+
 /// A RocksDB database holding one partition's (or one replay's) journey state.
 pub struct RocksStore {
     db: DB,
@@ -48,7 +57,16 @@ impl RocksStore {
         let mut table = BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
         table.set_whole_key_filtering(true);
+        // Filters and indexes live in the block cache, partitioned so that a lookup reads one
+        // small filter partition rather than a whole file's filter (with a million users a
+        // file's filter is megabytes, and reading and checksumming it on every miss cost more
+        // than the engine). The top level of each, and level 0's, stay pinned.
         table.set_cache_index_and_filter_blocks(true);
+        table.set_partition_filters(true);
+        table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_pin_top_level_index_and_filter(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_block_cache(block_cache());
         sessions.set_block_based_table_factory(&table);
         sessions.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
         sessions.set_memtable_prefix_bloom_ratio(0.1);
