@@ -148,6 +148,9 @@ pub struct UserState {
     pub sessions: Vec<Session>,
     pub history: History,
     pub profile: Option<Profile>,
+    /// The profile's estimated size in memory, measured once by the state's cache and carried
+    /// while the profile is unchanged (`None`: not measured yet). Not part of the state.
+    pub profile_weight: Option<usize>,
 }
 
 /// What identifies a session in the store: (journey, session key) under a user.
@@ -264,6 +267,7 @@ pub struct UserSessions {
     history_dirty: bool,
     profile: Option<Profile>,
     profile_dirty: bool,
+    profile_weight: Option<usize>,
 }
 
 impl UserSessions {
@@ -273,6 +277,7 @@ impl UserSessions {
         us.user_id = user_id.to_string();
         us.history = state.history;
         us.profile = state.profile;
+        us.profile_weight = state.profile_weight;
         us
     }
 
@@ -285,6 +290,7 @@ impl UserSessions {
     pub fn set_profile(&mut self, profile: Option<Profile>) {
         self.profile = profile;
         self.profile_dirty = true;
+        self.profile_weight = None;
     }
 
     /// The profile, taken out (to merge into); put it back with [`UserSessions::set_profile`]
@@ -424,6 +430,7 @@ impl UserSessions {
             sessions: kept,
             history: self.history,
             profile: self.profile,
+            profile_weight: self.profile_weight,
         }
     }
 

@@ -62,9 +62,12 @@ impl Cache {
     }
 
     /// Caches a user's state; a state bigger than the whole byte bound is not cached.
-    pub fn insert(&mut self, prefix: Vec<u8>, state: UserState) {
+    pub fn insert(&mut self, prefix: Vec<u8>, mut state: UserState) {
         if self.max_users == 0 {
             return;
+        }
+        if let (Some(p), None) = (&state.profile, state.profile_weight) {
+            state.profile_weight = Some(profile_weight(p));
         }
         let bytes = weight(prefix.len(), &state);
         if bytes > self.max_bytes {
@@ -157,12 +160,20 @@ pub fn weight(prefix_len: usize, state: &UserState) -> usize {
             .iter()
             .map(|d| VALUE_COST + d.action.len())
             .sum::<usize>();
-    let profile: usize = state.profile.as_ref().map_or(0, |p| {
-        p.iter()
-            .map(|(k, v)| ENTRY_COST + k.len() + value_weight(v))
-            .sum()
-    });
+    // A profile is measured once (its weight memo travels with it while it is unchanged): it
+    // can be the biggest part of a state and is read far more often than it changes.
+    let profile = match (&state.profile, state.profile_weight) {
+        (None, _) => 0,
+        (Some(_), Some(w)) => w,
+        (Some(p), None) => profile_weight(p),
+    };
     USER_COST + 2 * prefix_len + sessions + history + profile
+}
+
+fn profile_weight(p: &crate::engine::Profile) -> usize {
+    p.iter()
+        .map(|(k, v)| ENTRY_COST + k.len() + value_weight(v))
+        .sum()
 }
 
 fn value_weight(v: &Value) -> usize {
@@ -204,7 +215,37 @@ mod tests {
             }],
             history: Default::default(),
             profile: None,
+            profile_weight: None,
         }
+    }
+
+    #[test]
+    fn a_profile_is_weighed_once_and_again_when_it_changes() {
+        let mut c = Cache::new(10, 1 << 20);
+        let mut s = state(10);
+        s.profile = Some(
+            json!({"plan": "x".repeat(1000)})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        let before = weight(8, &state(10));
+        c.insert(b"user0001".to_vec(), s);
+        let cached = c.remove(b"user0001").unwrap();
+        let w = cached.profile_weight.expect("measured on insert");
+        assert!(w >= 1000, "{w}");
+        assert_eq!(weight(8, &cached), before + w);
+        // A memo is trusted while it is set; whoever changes the profile clears it.
+        let mut changed = cached.clone();
+        changed.profile = Some(json!({"plan": "pro"}).as_object().unwrap().clone());
+        changed.profile_weight = None;
+        assert!(weight(8, &changed) < before + 200);
+        c.insert(b"user0001".to_vec(), changed);
+        c.update(b"user0001", |s| {
+            s.profile = None;
+            s.profile_weight = None;
+        });
+        assert_eq!(c.bytes(), before);
     }
 
     #[test]

@@ -704,7 +704,8 @@ impl<S: Store> State<S> {
                 self.stage_raw(Table::Sessions, k, value);
                 self.cache
                     .update(&user_prefix(application, user_id), |state| {
-                        state.profile = profile.cloned()
+                        state.profile = profile.cloned();
+                        state.profile_weight = None;
                     });
                 None
             }
