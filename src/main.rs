@@ -47,6 +47,11 @@ struct EngineRun {
     /// Events longer than this many bytes are reported and skipped.
     #[arg(long, default_value_t = waymark::replay::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
+    /// Bound the cache of decoded users' state to about this many bytes (as
+    /// `state.cache_max_bytes` bounds each partition's in `waymark run`); a full cache is
+    /// emptied and refilled.
+    #[arg(long, default_value_t = waymark::store::cache::DEFAULT_MAX_BYTES)]
+    cache_bytes: usize,
 }
 
 /// The engine over a file of events.
@@ -72,6 +77,7 @@ impl EngineRun {
                 .max_future
                 .map(|d| d.as_millis().min(i64::MAX as u128) as i64),
             max_event_bytes: self.max_event_bytes,
+            cache_bytes: self.cache_bytes,
         };
         (self.journeys, opts)
     }

@@ -48,6 +48,9 @@ pub struct ReplayOptions {
     /// Lines longer than this are reported and skipped, as `processing.max_event_bytes` sends
     /// such values to the dead-letter topic in `run`.
     pub max_event_bytes: usize,
+    /// The decoded-state cache's bound in estimated bytes (`state.cache_max_bytes` in `run`,
+    /// where each partition has its own).
+    pub cache_bytes: usize,
 }
 
 /// `replay`'s default line limit: the service's default `processing.max_event_bytes`.
@@ -156,7 +159,8 @@ impl Feed {
                 )
             }
         };
-        let state = State::new(store)?;
+        let mut state = State::new(store)?;
+        state.set_cache_limits(crate::store::cache::DEFAULT_MAX_USERS, opts.cache_bytes);
         let clock: Option<Millis> = read_u64(&state, META_CLOCK)?;
         let offset: u64 = read_u64(&state, META_OFFSET)?.unwrap_or(0) as u64;
         Ok(Feed {

@@ -23,6 +23,7 @@ fn opts(dir: &Path) -> ReplayOptions {
         progress: false,
         max_future: None,
         max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,
+        cache_bytes: waymark::store::cache::DEFAULT_MAX_BYTES,
     }
 }
 

@@ -81,6 +81,7 @@ fn options(events: &Path, until: Option<i64>) -> ReplayOptions {
         progress: false,
         max_future: None,
         max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,
+        cache_bytes: waymark::store::cache::DEFAULT_MAX_BYTES,
     }
 }
 

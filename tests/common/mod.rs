@@ -46,6 +46,7 @@ pub fn run_replay(
         progress: false,
         max_future: None,
         max_event_bytes: waymark::replay::DEFAULT_MAX_EVENT_BYTES,
+        cache_bytes: waymark::store::cache::DEFAULT_MAX_BYTES,
     };
     let mut out = Vec::new();
     let mut err = Vec::new();
