@@ -56,6 +56,7 @@ fn tag(t: Table) -> u8 {
     match t {
         Table::Sessions => b's',
         Table::Meta => b'm',
+        Table::Profiles => b'p',
     }
 }
 
@@ -102,6 +103,7 @@ pub fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry, String> {
     let table = match key.first() {
         Some(b's') => Table::Sessions,
         Some(b'm') => Table::Meta,
+        Some(b'p') => Table::Profiles,
         _ => return Err("record key without a table tag".into()),
     };
     Ok(Entry::Change(Put {

@@ -1,5 +1,5 @@
-//! The processor over a real store: profile records stored beside the sessions, read by
-//! conditions, bounded, counted, and erased with everything else under the user.
+//! The processor over a real store: profile records stored in their table under the user's
+//! prefix, read by conditions, bounded, counted, and erased with everything else of the user.
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::store::{user_prefix, Store, Table};
 fn journeys() -> Arc<JourneySet> {
     let j = json!({
       "id": "j", "application": "app",
-      "entry": { "event": "Go", "conditions": [
+      "entry": { "event": "Go", "reentry": "never", "conditions": [
           { "attribute": "profile.plan", "operator": "eq", "value": "pro" } ] },
       "steps": [ { "id": "w", "type": "wait_for_trigger", "event": "Done" } ]
     });
@@ -57,20 +57,23 @@ fn go(user: &str, time: i64) -> Event {
     }
 }
 
+/// Keys stored under the user's prefix: sessions and history, and the profile.
 fn keys_of(p: &Processor<RocksStore>, user: &str) -> usize {
     let mut n = 0;
-    p.state()
-        .store()
-        .scan_prefix(Table::Sessions, &user_prefix("app", user), &mut |_, _| {
-            n += 1;
-            true
-        })
-        .unwrap();
+    for table in [Table::Sessions, Table::Profiles] {
+        p.state()
+            .store()
+            .scan_prefix(table, &user_prefix("app", user), &mut |_, _| {
+                n += 1;
+                true
+            })
+            .unwrap();
+    }
     n
 }
 
 #[test]
-fn a_profile_is_stored_beside_the_sessions_read_by_conditions_and_survives_a_restart() {
+fn a_profile_is_stored_read_by_conditions_counted_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = open(dir.path());
     let mut out = Output::default();
@@ -88,7 +91,8 @@ fn a_profile_is_stored_beside_the_sessions_read_by_conditions_and_survives_a_res
     assert_eq!(p.state().profiles(), 1, "counted when the state opens");
     p.on_event(&go("u", 30), &owns, &mut out).unwrap();
     assert_eq!(out.records.len(), 1, "entered: {:?}", out.refused);
-    // A profile is no history: the history scan does not mistake it for one.
+    // The entry's history is in the sessions table and the profile in its own: each scan finds
+    // its own kind only.
     let mut histories = 0;
     p.state()
         .all_histories(&mut |_, _, _| {
@@ -96,7 +100,7 @@ fn a_profile_is_stored_beside_the_sessions_read_by_conditions_and_survives_a_res
             true
         })
         .unwrap();
-    assert_eq!(histories, 0);
+    assert_eq!(histories, 1);
     let mut profiles = Vec::new();
     p.state()
         .all_profiles(&mut |app, user, profile| {
@@ -112,6 +116,10 @@ fn a_profile_is_stored_beside_the_sessions_read_by_conditions_and_survives_a_res
         .unwrap();
     assert_eq!(p.state().profiles(), 0);
     assert_eq!(p.state().profile("app", "u").unwrap(), None);
+    p.commit().unwrap();
+    drop(p);
+    let p = open(dir.path());
+    assert_eq!(p.state().profiles(), 0, "the count is stored with the changes");
 }
 
 #[test]
@@ -153,7 +161,7 @@ fn an_erasure_deletes_every_key_under_the_user_and_ends_the_sessions() {
     p.on_event(&go("u", 10), &owns, &mut out).unwrap();
     p.on_event(&go("v", 10), &owns, &mut out).unwrap();
     p.commit().unwrap();
-    assert_eq!(keys_of(&p, "u"), 2, "a session and a profile");
+    assert_eq!(keys_of(&p, "u"), 3, "a session, its entry history and a profile");
     out.clear();
     let erased = p.on_profile(&erase("u"), 50, &mut out).unwrap();
     assert_eq!(erased, Ok(ProfileApplied::Erased));
@@ -163,7 +171,7 @@ fn an_erasure_deletes_every_key_under_the_user_and_ends_the_sessions() {
     assert_eq!(exit["reason"], "erased");
     p.commit().unwrap();
     assert_eq!(keys_of(&p, "u"), 0);
-    assert_eq!(keys_of(&p, "v"), 2, "another user is untouched");
+    assert_eq!(keys_of(&p, "v"), 3, "another user is untouched");
     assert_eq!(p.state().profiles(), 1);
     assert_eq!(p.next_timer(), None, "no timer was pending");
     // Erasing nobody does nothing.

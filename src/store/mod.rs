@@ -23,15 +23,20 @@ pub enum Table {
     Sessions,
     /// Metadata: input offsets, replay clock, journey versions.
     Meta,
+    /// Users' profiles by user prefix (hash, application, user). A table of its own so that the
+    /// sessions table stays as small as the live sessions (its prefix scans and compactions do not
+    /// wade through every user's profile) and a user without one costs a bloom-filter probe.
+    Profiles,
 }
 
 impl Table {
-    pub const ALL: [Table; 2] = [Table::Sessions, Table::Meta];
+    pub const ALL: [Table; 3] = [Table::Sessions, Table::Meta, Table::Profiles];
 
     pub fn name(self) -> &'static str {
         match self {
             Table::Sessions => "sessions",
             Table::Meta => "meta",
+            Table::Profiles => "profiles",
         }
     }
 
@@ -205,21 +210,12 @@ fn is_history_key(prefix_len: usize, k: &[u8]) -> bool {
     k.len() == prefix_len + 5 && k[prefix_len..] == [0, 0, 0, 0, 0]
 }
 
-/// The session-key name under which a user's profile is kept (with an empty journey id, which
-/// no session has: see [`history_key`]).
-const PROFILE_NAME: &str = "profile";
+/// The metadata key holding how many profiles the state stores.
+const META_PROFILES: &str = "profiles/count";
 
-/// The key of a user's profile: beside the history, under the user prefix, so the prefix scan
-/// that loads the sessions loads it, the changelog carries it, and an erasure deletes it.
+/// The key of a user's profile in [`Table::Profiles`]: the user prefix.
 pub fn profile_key(application: &str, user: &str) -> Vec<u8> {
-    session_key(application, user, "", Some(PROFILE_NAME))
-}
-
-fn is_profile_key(prefix_len: usize, k: &[u8]) -> bool {
-    const TAIL: &[u8] = &[
-        0, 0, 0, 0, 1, 0, 0, 0, 7, b'p', b'r', b'o', b'f', b'i', b'l', b'e',
-    ];
-    k.len() == prefix_len + TAIL.len() && &k[prefix_len..] == TAIL
+    user_prefix(application, user)
 }
 
 pub fn timer_key(
@@ -268,7 +264,7 @@ fn user_record(k: &[u8], is_kind: fn(usize, &[u8]) -> bool) -> Option<(String, S
 /// transaction).
 pub struct State<S: Store> {
     store: S,
-    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 2],
+    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Table::ALL.len()],
     staged_ops: usize,
     /// Decoded sessions by user prefix, kept in step with every staged change, so a busy user's
     /// sessions are read from the store once. Bounded by users and bytes (see [`cache`]).
@@ -279,15 +275,18 @@ pub struct State<S: Store> {
     /// The largest key + value staged since [`State::take_largest_write`] (what a changelog
     /// record of it would weigh).
     largest_write: usize,
-    /// Profiles stored (staged writes included): counted when the state opens or drops staged
-    /// work, kept by [`State::note_profiles`] between.
+    /// Profiles stored (staged writes included): read from the metadata when the state opens or
+    /// drops staged work, kept by [`State::note_profiles`] between.
     profiles: i64,
+    /// The vector [`State::commit`] fills, empty between commits.
+    batch_buf: Vec<Put>,
 }
 
 fn slot(t: Table) -> usize {
     match t {
         Table::Sessions => 0,
         Table::Meta => 1,
+        Table::Profiles => 2,
     }
 }
 
@@ -302,32 +301,32 @@ impl<S: Store> State<S> {
             timers: BTreeSet::new(),
             largest_write: 0,
             profiles: 0,
+            batch_buf: Vec::new(),
         };
         state.rebuild_timers()?;
         Ok(state)
     }
 
-    /// Rebuilds the timer index from the sessions (store and staged writes), and counts the
-    /// stored profiles.
+    /// Rebuilds the timer index from the sessions (store and staged writes), and reads the count
+    /// of stored profiles.
     fn rebuild_timers(&mut self) -> Result<()> {
         let mut timers = BTreeSet::new();
-        let mut profiles = 0;
-        self.visit_sessions(
-            &mut |app, s| {
-                if let Some(due) = s.timer {
-                    timers.insert(timer_key(
-                        due,
-                        app,
-                        &s.user_id,
-                        &s.journey_id,
-                        s.key.as_deref(),
-                    ));
-                }
-                true
-            },
-            &mut || profiles += 1,
-        )?;
-        self.profiles = profiles;
+        self.all_sessions(&mut |app, s| {
+            if let Some(due) = s.timer {
+                timers.insert(timer_key(
+                    due,
+                    app,
+                    &s.user_id,
+                    &s.journey_id,
+                    s.key.as_deref(),
+                ));
+            }
+            true
+        })?;
+        self.profiles = match self.get(Table::Meta, META_PROFILES.as_bytes())? {
+            Some(v) => v.try_into().map(i64::from_be_bytes).unwrap_or(0),
+            None => 0,
+        };
         self.timers = timers;
         Ok(())
     }
@@ -479,8 +478,6 @@ impl<S: Store> State<S> {
         self.scan(Table::Sessions, prefix, Some(prefix), &mut |k, v| {
             let decoded = if is_history_key(prefix.len(), k) {
                 serde_json::from_slice::<History>(v).map(|h| out.history = h)
-            } else if is_profile_key(prefix.len(), k) {
-                serde_json::from_slice::<Profile>(v).map(|p| out.profile = Some(p))
             } else {
                 serde_json::from_slice::<Session>(v).map(|s| out.sessions.push(s))
             };
@@ -493,10 +490,19 @@ impl<S: Store> State<S> {
             }
             true
         })?;
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
+        if let Some(e) = err {
+            return Err(e);
         }
+        // The profile's key is the user prefix itself (a point read; a bloom-filter probe for
+        // a user without one).
+        if let Some(v) = self.get(Table::Profiles, prefix)? {
+            let p = serde_json::from_slice::<Profile>(&v).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(prefix).into_owned(),
+                reason: format!("profile: {e}"),
+            })?;
+            out.profile = Some(p);
+        }
+        Ok(out)
     }
 
     /// Puts a user's state (as it is after the staged changes) back in the cache.
@@ -525,15 +531,6 @@ impl<S: Store> State<S> {
 
     /// Every session, in key order, with its application (for inspection and gauges).
     pub fn all_sessions(&self, f: &mut dyn FnMut(&str, Session) -> bool) -> Result<()> {
-        self.visit_sessions(f, &mut || {})
-    }
-
-    /// Every session (to `f`) and every profile (counted by `profile`), in one scan.
-    fn visit_sessions(
-        &self,
-        f: &mut dyn FnMut(&str, Session) -> bool,
-        profile: &mut dyn FnMut(),
-    ) -> Result<()> {
         self.scan(Table::Sessions, &[], None, &mut |k, v| {
             let Some(rest) = k.get(8..) else {
                 return true;
@@ -541,17 +538,8 @@ impl<S: Store> State<S> {
             let mut r = Reader(rest);
             let app = r.str().unwrap_or_default();
             let _user = r.str();
-            match r.str() {
-                // A history or a profile.
-                Some(journey) if journey.is_empty() => {
-                    let prefix_len = k.len() - r.0.len() - 4;
-                    if is_profile_key(prefix_len, k) {
-                        profile();
-                    }
-                    return true;
-                }
-                None => return true,
-                Some(_) => {}
+            if r.str().is_none_or(|journey| journey.is_empty()) {
+                return true; // a history record
             }
             match serde_json::from_slice::<Session>(v) {
                 Ok(s) => f(&app, s),
@@ -575,8 +563,9 @@ impl<S: Store> State<S> {
 
     /// Every user's profile, with application and user.
     pub fn all_profiles(&self, f: &mut dyn FnMut(&str, &str, Profile) -> bool) -> Result<()> {
-        self.scan(Table::Sessions, &[], None, &mut |k, v| {
-            let Some((app, user)) = user_record(k, is_profile_key) else {
+        self.scan(Table::Profiles, &[], None, &mut |k, v| {
+            let mut r = Reader(k.get(8..).unwrap_or_default());
+            let (Some(app), Some(user)) = (r.str(), r.str()) else {
                 return true;
             };
             match serde_json::from_slice::<Profile>(v) {
@@ -588,7 +577,7 @@ impl<S: Store> State<S> {
 
     /// A user's profile in `application`, staged writes included.
     pub fn profile(&self, application: &str, user: &str) -> Result<Option<Profile>> {
-        match self.get(Table::Sessions, &profile_key(application, user))? {
+        match self.get(Table::Profiles, &profile_key(application, user))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -604,9 +593,15 @@ impl<S: Store> State<S> {
         self.profiles
     }
 
-    /// Notes profiles stored (`+1`) or removed (`-1`) by staged changes.
+    /// Notes profiles stored (`+1`) or removed (`-1`) by staged changes. The count is kept in
+    /// the metadata (`profiles/count`, staged with the changes, carried by the changelog), so
+    /// opening a state with millions of profiles does not count them.
     pub fn note_profiles(&mut self, delta: i64) {
+        if delta == 0 {
+            return;
+        }
         self.profiles += delta;
+        self.stage_meta(META_PROFILES, self.profiles.to_be_bytes().to_vec());
     }
 
     /// The earliest timer's due time.
@@ -701,7 +696,7 @@ impl<S: Store> State<S> {
                 let k = profile_key(application, user_id);
                 let value =
                     profile.map(|p| serde_json::to_vec(p).expect("profiles always serialise"));
-                self.stage_raw(Table::Sessions, k, value);
+                self.stage_raw(Table::Profiles, k, value);
                 self.cache
                     .update(&user_prefix(application, user_id), |state| {
                         state.profile = profile.cloned();
@@ -746,7 +741,12 @@ impl<S: Store> State<S> {
         if self.staged_ops == 0 {
             return Ok(());
         }
-        let mut batch = Batch::default();
+        // The batch's vector is kept between commits: grown afresh each time, its megabytes came
+        // back from the allocator as new pages to fault in (7% of a replay's time with 1M
+        // profiles stored).
+        let mut batch = Batch {
+            ops: std::mem::take(&mut self.batch_buf),
+        };
         for t in Table::ALL {
             for (key, value) in std::mem::take(&mut self.pending[slot(t)]) {
                 batch.ops.push(Put {
@@ -758,6 +758,8 @@ impl<S: Store> State<S> {
         }
         self.staged_ops = 0;
         self.store.write(&batch)?;
+        batch.ops.clear();
+        self.batch_buf = batch.ops;
         Ok(())
     }
 
