@@ -119,7 +119,11 @@ fn a_profile_is_stored_read_by_conditions_counted_and_survives_a_restart() {
     p.commit().unwrap();
     drop(p);
     let p = open(dir.path());
-    assert_eq!(p.state().profiles(), 0, "the count is stored with the changes");
+    assert_eq!(
+        p.state().profiles(),
+        0,
+        "the count is stored with the changes"
+    );
 }
 
 #[test]
@@ -161,7 +165,11 @@ fn an_erasure_deletes_every_key_under_the_user_and_ends_the_sessions() {
     p.on_event(&go("u", 10), &owns, &mut out).unwrap();
     p.on_event(&go("v", 10), &owns, &mut out).unwrap();
     p.commit().unwrap();
-    assert_eq!(keys_of(&p, "u"), 3, "a session, its entry history and a profile");
+    assert_eq!(
+        keys_of(&p, "u"),
+        3,
+        "a session, its entry history and a profile"
+    );
     out.clear();
     let erased = p.on_profile(&erase("u"), 50, &mut out).unwrap();
     assert_eq!(erased, Ok(ProfileApplied::Erased));
