@@ -72,6 +72,15 @@ pub struct Processor<S: Store> {
     max_profile_bytes: usize,
 }
 
+/// What [`Processor::on_input`] did with an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputApplied {
+    /// No journey cares about its event: only the timers due by its time fired.
+    TimersOnly,
+    /// Applied as an event.
+    Event,
+}
+
 /// What an accepted profile record did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProfileApplied {
@@ -354,6 +363,37 @@ impl<S: Store> Processor<S> {
         });
         self.note_timer(earliest);
         self.state.return_user_state(application, user, kept);
+    }
+
+    /// Applies one decoded input at `time`, deciding first whether any journey cares about it:
+    /// if none does (no entry, wait, goal or exit criterion names its event in its application),
+    /// only the timers due by then fire, and the attributes are never decoded; otherwise it
+    /// becomes an [`Event`] (`default_id` names it when it has no `eventId`) and is applied with
+    /// [`Processor::on_event`]. The inner error is why the input is refused (a dead letter), with
+    /// nothing changed. What `run`, `replay` and `backtest` share.
+    pub fn on_input(
+        &mut self,
+        raw: crate::event::RawEvent<'_>,
+        time: Millis,
+        default_id: impl FnOnce() -> String,
+        owns: &dyn Fn(&str) -> bool,
+        out: &mut Output,
+    ) -> Result<Result<InputApplied, EventError>, StoreError> {
+        let cared = self
+            .engine
+            .journeys()
+            .interest(raw.application(), raw.name())
+            .is_some();
+        if !cared {
+            self.fire_due(time, out)?;
+            return Ok(Ok(InputApplied::TimersOnly));
+        }
+        let ev = match raw.into_event(Some(time), default_id) {
+            Ok(ev) => ev,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.on_event(&ev, owns, out)?;
+        Ok(Ok(InputApplied::Event))
     }
 
     /// Applies one event: due timers first, then goals and waits of the user's sessions, then

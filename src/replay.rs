@@ -221,33 +221,23 @@ impl Feed {
         let Some(time) = self.judge_time(origin, raw.timestamp(), err)? else {
             return Ok(());
         };
-        if self
+        let default_id = || match origin {
+            Origin::Line(_) => format!("replay/0/{my_offset}"),
+            Origin::Record {
+                topic,
+                partition,
+                offset,
+                ..
+            } => format!("{topic}/{partition}/{offset}"),
+        };
+        let owns = |_: &str| true;
+        if let Err(e) = self
             .proc
-            .engine()
-            .journeys()
-            .interest(raw.application(), raw.name())
-            .is_none()
+            .on_input(raw, time, default_id, &owns, &mut self.output)?
         {
-            self.proc.fire_due(time, &mut self.output)?;
-        } else {
-            let default_id = || match origin {
-                Origin::Line(_) => format!("replay/0/{my_offset}"),
-                Origin::Record {
-                    topic,
-                    partition,
-                    offset,
-                    ..
-                } => format!("{topic}/{partition}/{offset}"),
-            };
-            let ev = match raw.into_event(Some(time), default_id) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    self.stats.malformed += 1;
-                    writeln!(err, "{origin}: {e}")?;
-                    return Ok(());
-                }
-            };
-            self.proc.on_event(&ev, &|_: &str| true, &mut self.output)?;
+            self.stats.malformed += 1;
+            writeln!(err, "{origin}: {e}")?;
+            return Ok(());
         }
         self.emit(sink)?;
         self.applied()

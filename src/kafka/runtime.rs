@@ -44,7 +44,7 @@ use crate::engine::EntryIntent;
 use crate::event::{EventError, RawEvent};
 use crate::journey::JourneySet;
 use crate::metrics::Metrics;
-use crate::processor::{Output, Processor};
+use crate::processor::{InputApplied, Output, Processor, ProfileApplied};
 use crate::record::{Record, Stream};
 use crate::store::rocks::RocksStore;
 use crate::store::{State, Store, Table};
@@ -926,8 +926,8 @@ impl Core {
             return Ok(());
         }
         match applied {
-            Ok(crate::processor::ProfileApplied::Updated) => self.metrics.profile_updates.inc(),
-            Ok(crate::processor::ProfileApplied::Erased) => self.metrics.erasures.inc(),
+            Ok(ProfileApplied::Updated) => self.metrics.profile_updates.inc(),
+            Ok(ProfileApplied::Erased) => self.metrics.erasures.inc(),
             Err(e) => self.dead_letter(m, &e),
         }
         self.set_profile_gauge();
@@ -959,44 +959,38 @@ impl Core {
         }
         let parts = self.partitions;
         let part = self.parts.get_mut(&p).expect("owned");
-        if part
+        let owns = move |u: &str| owner_of(u, parts) == p;
+        match part
             .proc
-            .engine()
-            .journeys()
-            .interest(raw.application(), raw.name())
-            .is_none()
+            .on_input(raw, time, || default_id, &owns, &mut self.out)?
         {
-            part.proc.fire_due(time, &mut self.out)?;
-        } else {
-            let ev = match raw.into_event(Some(time), || default_id) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    self.dead_letter(m, &e);
-                    return Ok(());
-                }
-            };
-            let owns = move |u: &str| owner_of(u, parts) == p;
-            part.proc.on_event(&ev, &owns, &mut self.out)?;
-            if self.poison_if_oversized(m, p) {
+            Err(e) => {
+                self.dead_letter(m, &e);
                 return Ok(());
             }
-            let bad: Vec<&str> = self
-                .out
-                .refused
-                .iter()
-                .filter(|(_, r)| *r == crate::engine::Refusal::BadTargets)
-                .map(|(j, _)| j.as_str())
-                .collect();
-            if !bad.is_empty() {
-                // The event was processed for everything else, so it is no dead letter (a DLQ
-                // replay would apply it twice): counted (refusal bad_targets) and logged.
-                tracing::warn!(
-                    journeys = %bad.join(", "),
-                    topic = m.topic(),
-                    partition = p,
-                    offset = m.offset(),
-                    "the who attribute holds something other than user ids: nobody entered"
-                );
+            Ok(InputApplied::TimersOnly) => {}
+            Ok(InputApplied::Event) => {
+                if self.poison_if_oversized(m, p) {
+                    return Ok(());
+                }
+                let bad: Vec<&str> = self
+                    .out
+                    .refused
+                    .iter()
+                    .filter(|(_, r)| *r == crate::engine::Refusal::BadTargets)
+                    .map(|(j, _)| j.as_str())
+                    .collect();
+                if !bad.is_empty() {
+                    // The event was processed for everything else, so it is no dead letter (a
+                    // DLQ replay would apply it twice): counted (refusal bad_targets) and logged.
+                    tracing::warn!(
+                        journeys = %bad.join(", "),
+                        topic = m.topic(),
+                        partition = p,
+                        offset = m.offset(),
+                        "the who attribute holds something other than user ids: nobody entered"
+                    );
+                }
             }
         }
         self.publish(p, record_time, false);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::*;
-use crate::event::Event;
+use crate::event::{Event, RawEvent};
 use crate::journey::compile_journey;
 use crate::profile::ProfileRecord;
 use crate::store::rocks::RocksStore;
@@ -189,4 +189,60 @@ fn an_erasure_deletes_every_key_under_the_user_and_ends_the_sessions() {
         .unwrap();
     assert!(out.records.is_empty());
     assert_eq!(p.state().staged(), 0);
+}
+
+#[test]
+fn an_input_no_journey_cares_about_is_never_decoded_and_one_that_is_cared_about_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = open(dir.path());
+    let mut out = Output::default();
+    let owns = |_: &str| true;
+    // Attributes nested past serde_json's depth limit pass the first, shallow decoding stage and
+    // are refused only when decoded: which happens only when some journey cares about the event.
+    let deep = format!("{{\"a\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+    let text = |event: &str| {
+        format!(r#"{{"application":"app","event":"{event}","userId":"u","attributes":{deep}}}"#)
+    };
+    let (other, go_deep) = (text("Other"), text("Go"));
+    let ignored = p.on_input(
+        RawEvent::decode_str(&other).unwrap(),
+        10,
+        || unreachable!(),
+        &owns,
+        &mut out,
+    );
+    assert_eq!(ignored.unwrap(), Ok(InputApplied::TimersOnly));
+    let refused = p
+        .on_input(
+            RawEvent::decode_str(&go_deep).unwrap(),
+            10,
+            || "x".into(),
+            &owns,
+            &mut out,
+        )
+        .unwrap();
+    assert!(
+        matches!(refused, Err(EventError::NotJson(_))),
+        "{refused:?}"
+    );
+    assert_eq!(p.state().staged(), 0, "a refused input changes nothing");
+    p.on_profile(&update("u", json!({"plan": "pro"})), 20, &mut out)
+        .unwrap()
+        .unwrap();
+    out.clear();
+    let good = r#"{"application":"app","event":"Go","userId":"u"}"#;
+    let applied = p.on_input(
+        RawEvent::decode_str(good).unwrap(),
+        30,
+        || "topic/0/7".into(),
+        &owns,
+        &mut out,
+    );
+    assert_eq!(applied.unwrap(), Ok(InputApplied::Event));
+    let entry = serde_json::to_value(&out.records[0]).unwrap();
+    assert_eq!(entry["type"], "journey_entry");
+    assert_eq!(
+        entry["event_id"], "topic/0/7",
+        "the default id names an input without one"
+    );
 }
