@@ -2,8 +2,11 @@
 //! topic creation, and the small `produce` / `tail` tools.
 //!
 //! - [`runtime`]: `waymark run`, the consumer-group service around the processor.
+//! - [`router`]: the route topic's records: kinds, where a forwarded input was first read.
+//! - [`changelog`]: the changelog's records and the pure restore state machine.
 
 pub mod changelog;
+pub mod router;
 pub mod runtime;
 pub mod tools;
 

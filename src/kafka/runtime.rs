@@ -31,14 +31,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use super::{changelog, owner_of, producer_config};
+use super::{changelog, owner_of, producer_config, router};
 use crate::config::{Config, Guarantee};
 use crate::engine::EntryIntent;
 use crate::event::{EventError, RawEvent};
@@ -50,20 +50,8 @@ use crate::store::rocks::RocksStore;
 use crate::store::{State, Store, Table};
 use crate::time::Millis;
 
-pub const HEADER_KIND: &str = "waymark-kind";
-pub const HEADER_EVENT_ID: &str = "waymark-event-id";
-pub const HEADER_RECORD_TIME: &str = "waymark-record-time";
-pub const HEADER_ERROR: &str = "waymark-error";
-pub const HEADER_SOURCE_TOPIC: &str = "waymark-source-topic";
-pub const HEADER_SOURCE_PARTITION: &str = "waymark-source-partition";
-pub const HEADER_SOURCE_OFFSET: &str = "waymark-source-offset";
-
 fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
-    m.headers().and_then(|h| {
-        h.iter()
-            .find(|x| x.key == name)
-            .and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-    })
+    router::header(m.headers(), name)
 }
 
 /// The wall clock the runtime reads: system time shifted by `processing.clock_offset_ms`.
@@ -680,28 +668,10 @@ impl Core {
     fn dead_letter(&self, m: &BorrowedMessage<'_>, err: &EventError) {
         let reason = err.reason();
         self.metrics.dead_letters.with_label_values(&[reason]).inc();
-        // A forwarded event names where it was first read.
-        let topic = header(m, HEADER_SOURCE_TOPIC).unwrap_or_else(|| m.topic().to_string());
-        let partition =
-            header(m, HEADER_SOURCE_PARTITION).unwrap_or_else(|| m.partition().to_string());
-        let offset = header(m, HEADER_SOURCE_OFFSET).unwrap_or_else(|| m.offset().to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_ERROR,
-                value: Some(&format!("{reason}: {err}")),
-            })
-            .insert(Header {
-                key: HEADER_SOURCE_TOPIC,
-                value: Some(&topic),
-            })
-            .insert(Header {
-                key: HEADER_SOURCE_PARTITION,
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: HEADER_SOURCE_OFFSET,
-                value: Some(&offset),
-            });
+        // A forwarded input names where it was first read.
+        let own = router::Source::new(m.topic(), m.partition(), m.offset());
+        let source = router::source(m.headers(), own);
+        let headers = router::dead_letter_headers(&format!("{reason}: {err}"), &source);
         let key = m
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
@@ -792,64 +762,29 @@ impl Core {
                 return Ok(());
             }
         };
-        let default_id = format!("{}/{}/{}", m.topic(), p, m.offset());
         let owner = owner_of(raw.user_id(), self.partitions);
         if owner != p {
-            self.forward(
-                m,
-                p,
-                owner,
-                "event",
-                raw.user_id(),
-                &default_id,
-                record_time,
-            );
+            self.forward(m, p, owner, router::Kind::Event, raw.user_id(), record_time);
             return Ok(());
         }
+        let default_id = router::Source::new(m.topic(), p, m.offset()).default_id();
         self.process_raw(m, raw, p, record_time, default_id)
     }
 
     /// Sends an input read on partition `p` to the route topic's partition `owner`, which owns
     /// its user, with where it was read (for its default event id and dead letters).
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         m: &BorrowedMessage<'_>,
         p: i32,
         owner: i32,
-        kind: &str,
+        kind: router::Kind,
         user_id: &str,
-        default_id: &str,
         record_time: Option<Millis>,
     ) {
         let payload = m.payload().unwrap_or(&[]);
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_KIND,
-                value: Some(kind),
-            })
-            .insert(Header {
-                key: HEADER_EVENT_ID,
-                value: Some(default_id),
-            })
-            .insert(Header {
-                key: HEADER_SOURCE_TOPIC,
-                value: Some(m.topic()),
-            })
-            .insert(Header {
-                key: HEADER_SOURCE_PARTITION,
-                value: Some(&p.to_string()),
-            })
-            .insert(Header {
-                key: HEADER_SOURCE_OFFSET,
-                value: Some(&m.offset().to_string()),
-            });
-        if let Some(t) = record_time {
-            headers = headers.insert(Header {
-                key: HEADER_RECORD_TIME,
-                value: Some(&t.to_string()),
-            });
-        }
+        let source = router::Source::new(m.topic(), p, m.offset());
+        let headers = router::forward_headers(kind, &source, record_time);
         let route = self.cfg.topics.route.clone();
         self.send(&route, Some(owner), user_id, payload, Some(headers), None);
         self.metrics.routed.inc();
@@ -873,14 +808,12 @@ impl Core {
         };
         let owner = owner_of(record.user_id(), self.partitions);
         if owner != p {
-            let default_id = format!("{}/{}/{}", m.topic(), p, m.offset());
             self.forward(
                 m,
                 p,
                 owner,
-                "profile",
+                router::Kind::Profile,
                 record.user_id(),
-                &default_id,
                 record_time,
             );
             return Ok(());
@@ -1003,10 +936,11 @@ impl Core {
         p: i32,
         record_time: Option<Millis>,
     ) -> anyhow::Result<()> {
-        let header = |name: &str| header(m, name);
+        let routed = router::read(m.headers());
         let payload = m.payload().unwrap_or(&[]);
-        match header(HEADER_KIND).as_deref() {
-            Some("event") => {
+        let t = routed.record_time.or(record_time);
+        match routed.kind {
+            Some(Ok(router::Kind::Event)) => {
                 let raw = match RawEvent::decode(payload, 0) {
                     Ok(r) => r,
                     Err(e) => {
@@ -1014,14 +948,12 @@ impl Core {
                         return Ok(());
                     }
                 };
-                let default_id = header(HEADER_EVENT_ID)
-                    .unwrap_or_else(|| format!("{}/{}/{}", m.topic(), p, m.offset()));
-                let t = header(HEADER_RECORD_TIME)
-                    .and_then(|s| s.parse().ok())
-                    .or(record_time);
+                let default_id = routed
+                    .event_id
+                    .unwrap_or_else(|| router::Source::new(m.topic(), p, m.offset()).default_id());
                 self.process_raw(m, raw, p, t, default_id)
             }
-            Some("profile") => {
+            Some(Ok(router::Kind::Profile)) => {
                 let record = match crate::profile::decode(payload, 0) {
                     Ok(r) => r,
                     Err(e) => {
@@ -1029,12 +961,9 @@ impl Core {
                         return Ok(());
                     }
                 };
-                let t = header(HEADER_RECORD_TIME)
-                    .and_then(|s| s.parse().ok())
-                    .or(record_time);
                 self.process_profile(m, &record, p, t)
             }
-            Some("entry") => {
+            Some(Ok(router::Kind::Entry)) => {
                 let intent: EntryIntent = match serde_json::from_slice(payload) {
                     Ok(i) => i,
                     Err(e) => {
@@ -1051,6 +980,7 @@ impl Core {
                 Ok(())
             }
             other => {
+                let other = other.and_then(Result::err);
                 self.dead_letter(
                     m,
                     &EventError::WrongType(format!("route record of unknown kind {other:?}")),
@@ -1211,10 +1141,7 @@ impl Core {
         }
         for intent in out.routed.drain(..) {
             let owner = owner_of(&intent.user_id, self.partitions);
-            let headers = OwnedHeaders::new().insert(Header {
-                key: HEADER_KIND,
-                value: Some("entry"),
-            });
+            let headers = router::entry_headers();
             let value = serde_json::to_vec(&intent).expect("intents serialise");
             self.send(
                 &self.cfg.topics.route,
