@@ -79,25 +79,22 @@ t1=$(date +%s.%N)
 consume=$(echo "$count / ($t1 - $t0)" | bc)
 echo "consume-only: $consume events/s"
 
-echo "waymark run without profiles..."
-t0=$(date +%s.%N)
-start "$dir/journeys" "$dir/state-base" "benchp-base-$suffix" "$dir/run-base.log"
-await waymark_events_consumed_total "topic=\"$topic\"" "$count"
-t1=$(date +%s.%N)
-base=$(echo "$count / ($t1 - $t0)" | bc)
-sleep 2
-base_entries=$(metric waymark_entries_total)
-stop
-echo "without profiles: $base events/s ($(echo "scale=1; 100 * $base / $consume" | bc)% of consume-only)"
-
-echo "waymark run with $profiles profiles stored..."
-t0=$(date +%s.%N)
-WAYMARK_KAFKA_PROFILE_TOPICS="$ptopic" start "$dir/journeys-profile" "$dir/state-prof" "benchp-prof-$suffix" "$dir/run-prof.log"
-await waymark_events_consumed_total "topic=\"$topic\"" "$count"
-t1=$(date +%s.%N)
-prof=$(echo "$count / ($t1 - $t0)" | bc)
-sleep 2
-prof_entries=$(metric waymark_entries_total)
-stop
-echo "with profiles: $prof events/s ($(echo "scale=1; 100 * $prof / $consume" | bc)% of consume-only)"
+timed_run() { # label journeys state group log: events/s until every event is consumed, then entries
+  echo "waymark run $1..."
+  local t0 t1
+  t0=$(date +%s.%N)
+  start "$2" "$3" "$4" "$5"
+  await waymark_events_consumed_total "topic=\"$topic\"" "$count"
+  t1=$(date +%s.%N)
+  rate=$(echo "$count / ($t1 - $t0)" | bc)
+  sleep 2
+  entries=$(metric waymark_entries_total)
+  stop
+  echo "$1: $rate events/s ($(echo "scale=1; 100 * $rate / $consume" | bc)% of consume-only)"
+}
+timed_run "without profiles" "$dir/journeys" "$dir/state-base" "benchp-base-$suffix" "$dir/run-base.log"
+base_entries=$entries
+WAYMARK_KAFKA_PROFILE_TOPICS="$ptopic" timed_run "with $profiles profiles stored" \
+  "$dir/journeys-profile" "$dir/state-prof" "benchp-prof-$suffix" "$dir/run-prof.log"
+prof_entries=$entries
 echo "journey entries: $base_entries without, $prof_entries with (every user's profile meets the conditions: equal)"
