@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use serde_json::Value;
 
 fn chromium() -> PathBuf {
     for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
@@ -69,12 +68,7 @@ fn the_html_report_shows_every_funnel_number_in_a_browser() {
         .arg(&page)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = json_stdout(out);
 
     let dump = headless(&["--dump-dom", &format!("file://{}", page.display())]);
     assert!(

@@ -312,12 +312,7 @@ fn the_backtest_command_reads_a_range_of_a_topic() {
         .args(["--from", &fmt(T0), "--to", &fmt(T0 + 48 * HOUR)])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::json_stdout(out);
     assert_eq!(report["lines"], json!(stream().len()));
     assert_eq!(report["journeys"][0]["journey_id"], json!("welcome"));
     assert_eq!(report["journeys"][0]["triggers"], json!(300));

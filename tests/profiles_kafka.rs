@@ -33,12 +33,7 @@ fn inspect(state: &Path, user: &str) -> Value {
         .args(["--user", user])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::json_stdout(out)
 }
 
 fn wait_metric(a: &Instance, name: &str, at_least: f64, within: Duration) {

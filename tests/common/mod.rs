@@ -59,3 +59,14 @@ pub fn run_replay(
 
 #[path = "kafka.rs"]
 pub mod kafka;
+
+/// A finished command's standard output as JSON, after asserting that it succeeded (its standard
+/// error is the failure message).
+pub fn json_stdout(out: std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
