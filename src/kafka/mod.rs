@@ -6,6 +6,7 @@
 //! - [`changelog`]: the changelog's records and the pure restore state machine.
 
 pub mod changelog;
+pub mod commit;
 pub mod router;
 pub mod runtime;
 pub mod tools;

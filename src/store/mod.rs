@@ -10,13 +10,14 @@ pub mod cache;
 mod keys;
 pub mod memory;
 pub mod rocks;
+mod staged;
 
 pub use keys::{
     decode_timer_key, history_key, profile_key, session_key, timer_key, user_hash, user_prefix,
 };
 use keys::{due_bytes, due_from, is_history_key, user_record, Reader};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use crate::engine::{Change, ChangeRef, History, Profile, Session, UserState};
 use crate::time::Millis;
@@ -146,8 +147,8 @@ const META_PROFILES: &str = "profiles/count";
 /// transaction).
 pub struct State<S: Store> {
     store: S,
-    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Table::ALL.len()],
-    staged_ops: usize,
+    /// Writes not yet in the store, in generations (see [`staged`]).
+    staged: staged::Staged,
     /// Decoded sessions by user prefix, kept in step with every staged change, so a busy user's
     /// sessions are read from the store once. Bounded by users and bytes (see [`cache`]).
     cache: cache::Cache,
@@ -164,21 +165,12 @@ pub struct State<S: Store> {
     batch_buf: Vec<Put>,
 }
 
-fn slot(t: Table) -> usize {
-    match t {
-        Table::Sessions => 0,
-        Table::Meta => 1,
-        Table::Profiles => 2,
-    }
-}
-
 impl<S: Store> State<S> {
     /// Wraps a store, building the timer index from its sessions (one scan).
     pub fn new(store: S) -> Result<State<S>> {
         let mut state = State {
             store,
-            pending: Default::default(),
-            staged_ops: 0,
+            staged: staged::Staged::default(),
             cache: cache::Cache::default(),
             timers: BTreeSet::new(),
             largest_write: 0,
@@ -217,9 +209,9 @@ impl<S: Store> State<S> {
         &self.store
     }
 
-    /// How many writes are staged and not yet committed.
+    /// How many writes are staged in the open generation.
     pub fn staged(&self) -> usize {
-        self.staged_ops
+        self.staged.open_ops()
     }
 
     /// Stages a raw write. A session written this way (not through [`State::stage_changes`])
@@ -239,8 +231,7 @@ impl<S: Store> State<S> {
     fn stage_raw(&mut self, table: Table, key: Vec<u8>, value: Option<Vec<u8>>) {
         let size = key.len() + value.as_ref().map_or(0, Vec::len);
         self.largest_write = self.largest_write.max(size);
-        self.pending[slot(table)].insert(key, value);
-        self.staged_ops += 1;
+        self.staged.put(table, key, value);
     }
 
     /// Bounds the session cache: at most `users` users and `bytes` estimated bytes (0 users
@@ -255,8 +246,8 @@ impl<S: Store> State<S> {
     }
 
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.pending[slot(table)].get(key) {
-            Some(v) => Ok(v.clone()),
+        match self.staged.get(table, key) {
+            Some(v) => Ok(v.map(<[u8]>::to_vec)),
             None => self.store.get(table, key),
         }
     }
@@ -270,17 +261,12 @@ impl<S: Store> State<S> {
         prefix: Option<&[u8]>,
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()> {
-        let staged = &self.pending[slot(table)];
-        let in_range = |k: &[u8]| prefix.is_none_or(|p| k.starts_with(p));
-        let mut overlay = staged
-            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
-            .take_while(|(k, _)| in_range(k))
-            .peekable();
+        let mut overlay = self.staged.overlay(table, start, prefix).peekable();
         let mut stopped = false;
         let mut visit = |k: &[u8], v: &[u8]| -> bool {
             // Staged keys before this one come first.
             while let Some((ok, ov)) = overlay.peek() {
-                if ok.as_slice() >= k {
+                if *ok >= k {
                     break;
                 }
                 if let Some(ov) = ov {
@@ -292,7 +278,7 @@ impl<S: Store> State<S> {
                 overlay.next();
             }
             if let Some((ok, ov)) = overlay.peek() {
-                if ok.as_slice() == k {
+                if *ok == k {
                     let keep_going = match ov {
                         Some(ov) => f(ok, ov),
                         None => true,
@@ -609,18 +595,63 @@ impl<S: Store> State<S> {
             .collect()
     }
 
-    /// The staged writes, table by table in key order (what [`State::commit`] will write).
+    /// The open generation's writes, table by table in key order.
     pub fn pending(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
-        Table::ALL.into_iter().flat_map(move |t| {
-            self.pending[slot(t)]
-                .iter()
-                .map(move |(k, v)| (t, k.as_slice(), v.as_deref()))
-        })
+        self.staged.open_writes()
     }
 
-    /// Writes everything staged to the store in one atomic batch.
+    /// Seals the open generation as `id` (ids grow): its writes stay visible and wait for
+    /// [`State::commit_sealed`] or [`State::discard`]; later writes go to a new generation.
+    pub fn seal(&mut self, id: u64) {
+        self.staged.seal(id);
+    }
+
+    /// Sealed generations not yet written.
+    pub fn sealed(&self) -> usize {
+        self.staged.sealed_count()
+    }
+
+    /// How many writes sealed generation `id` holds (`None`: none sealed as `id`).
+    pub fn sealed_ops(&self, id: u64) -> Option<usize> {
+        self.staged.sealed_ops(id)
+    }
+
+    /// Sealed generation `id`'s writes, table by table in key order.
+    pub fn sealed_writes(&self, id: u64) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
+        self.staged.sealed_writes(id)
+    }
+
+    /// Writes sealed generation `id` to the store in one atomic batch, with `meta` (metadata
+    /// known only now, such as the changelog position). Generations are written oldest first:
+    /// an older one still sealed is an error. `Ok(false)`: no generation was sealed as `id` (the
+    /// state was reopened or discarded since), and nothing is written.
+    pub fn commit_sealed(&mut self, id: u64, meta: &[(&str, Vec<u8>)]) -> Result<bool> {
+        let mut g = match self.staged.take_oldest(id) {
+            Ok(Some(g)) => g,
+            Ok(None) => return Ok(false),
+            Err(oldest) => {
+                return Err(StoreError::Backend(format!(
+                    "generation {id} written before generation {oldest}"
+                )))
+            }
+        };
+        let mut batch = Batch {
+            ops: std::mem::take(&mut self.batch_buf),
+        };
+        g.drain_into(&mut batch.ops);
+        for (k, v) in meta {
+            batch.put(Table::Meta, k.as_bytes().to_vec(), v.clone());
+        }
+        let written = self.store.write(&batch);
+        batch.ops.clear();
+        self.batch_buf = batch.ops;
+        written.map(|()| true)
+    }
+
+    /// Writes everything staged (sealed generations and the open one) to the store in one
+    /// atomic batch.
     pub fn commit(&mut self) -> Result<()> {
-        if self.staged_ops == 0 {
+        if self.staged.open_ops() == 0 && self.staged.sealed_count() == 0 {
             return Ok(());
         }
         // The batch's vector is kept between commits: grown afresh each time, its megabytes came
@@ -629,35 +660,21 @@ impl<S: Store> State<S> {
         let mut batch = Batch {
             ops: std::mem::take(&mut self.batch_buf),
         };
-        for t in Table::ALL {
-            for (key, value) in std::mem::take(&mut self.pending[slot(t)]) {
-                batch.ops.push(Put {
-                    table: t,
-                    key,
-                    value,
-                });
-            }
+        for mut g in self.staged.take_all() {
+            g.drain_into(&mut batch.ops);
         }
-        self.staged_ops = 0;
-        self.store.write(&batch)?;
+        let written = self.store.write(&batch);
         batch.ops.clear();
         self.batch_buf = batch.ops;
-        Ok(())
+        written
     }
 
-    /// Drops everything staged (and the session cache, which may hold staged changes), and
-    /// rebuilds the timer index from what the store holds.
+    /// Drops everything staged, sealed generations too (and the session cache, which may hold
+    /// staged changes), and rebuilds the timer index from what the store holds.
     pub fn discard(&mut self) -> Result<()> {
         self.cache.clear();
-        self.clear_pending();
+        self.staged.clear();
         self.rebuild_timers()
-    }
-
-    fn clear_pending(&mut self) {
-        for p in &mut self.pending {
-            p.clear();
-        }
-        self.staged_ops = 0;
     }
 
     pub fn flush(&self) -> Result<()> {

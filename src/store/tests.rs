@@ -48,3 +48,45 @@ fn session_keys_share_the_user_prefix() {
     assert!(!session_key("app", "421", "j", None).starts_with(&p));
     assert!(!session_key("app2", "42", "j", None).starts_with(&p));
 }
+
+#[test]
+fn sealed_generations_reach_the_store_only_when_committed_in_order() {
+    let mut state = State::new(memory::MemStore::new()).unwrap();
+    state.stage_meta("k", b"1".to_vec());
+    state.seal(1);
+    state.stage_meta("k", b"2".to_vec());
+    state.stage_meta("j", b"2".to_vec());
+    state.seal(2);
+    state.stage_meta("j", b"3".to_vec());
+    // Reads see the newest; the store has nothing yet.
+    assert_eq!(state.get_meta("k").unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(state.get_meta("j").unwrap().as_deref(), Some(&b"3"[..]));
+    assert_eq!(state.store().get(Table::Meta, b"k").unwrap(), None);
+    assert_eq!(state.sealed_ops(2), Some(2));
+    assert_eq!(state.sealed_writes(1).count(), 1);
+    // Out of order is refused; in order, each with the metadata known at that moment.
+    assert!(state.commit_sealed(2, &[]).is_err());
+    assert!(state.commit_sealed(1, &[("pos", b"a".to_vec())]).unwrap());
+    assert_eq!(
+        state.store().get(Table::Meta, b"k").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        state.store().get(Table::Meta, b"pos").unwrap().as_deref(),
+        Some(&b"a"[..])
+    );
+    assert_eq!(
+        state.meta_with_prefix("").unwrap().len(),
+        3,
+        "scans merge the generations over the store"
+    );
+    // Discard drops the sealed generation and the open one; the store keeps generation 1.
+    state.discard().unwrap();
+    assert_eq!(state.sealed(), 0);
+    assert!(
+        !state.commit_sealed(2, &[]).unwrap(),
+        "nothing sealed as 2 any more"
+    );
+    assert_eq!(state.get_meta("k").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(state.get_meta("j").unwrap(), None);
+}
