@@ -83,6 +83,7 @@ pub struct ProcessingConfig {
     pub commit_interval_ms: u64,
     pub transaction_interval_ms: u64,
     pub commit_max_records: usize,
+    pub max_batches_in_flight: usize,
     pub max_event_bytes: usize,
     pub max_future_ms: u64,
     pub max_targets: usize,
@@ -472,6 +473,12 @@ impl Config {
         }
         if self.processing.commit_interval_ms == 0 {
             e.push("processing.commit_interval_ms: must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.processing.max_batches_in_flight) {
+            e.push(format!(
+                "processing.max_batches_in_flight: must be between 1 and 64, not {}",
+                self.processing.max_batches_in_flight
+            ));
         }
         if self.processing.commit_max_records == 0 {
             e.push("processing.commit_max_records: must be at least 1".into());

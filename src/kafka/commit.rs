@@ -110,14 +110,30 @@ impl Pipeline {
         self.batches.back().expect("always one").gen
     }
 
-    /// `n` more records handed to the producer for `gen`: the open batch's outputs, or the
-    /// changes and markers of a batch told to send them. Records of a batch no longer in flight
-    /// (dropped) are not counted.
+    /// `n` more records handed to the producer for `gen`: the open batch's outputs, a closed
+    /// batch's changelog changes, or the markers of a batch told to send them. Records of a batch
+    /// no longer in flight (dropped) are not counted.
     pub fn sent(&mut self, gen: Gen, n: u64) {
         if let Some(b) = self.batches.iter_mut().find(|b| b.gen == gen) {
-            debug_assert!(b.phase != Phase::Outputs, "records sent for a closed batch");
             b.sent += n;
         }
+    }
+
+    /// Whether every batch older than `gen` has been told to send its markers (so `gen`'s
+    /// changelog changes may go out: they must follow those markers).
+    pub fn markers_sent_before(&self, gen: Gen) -> bool {
+        self.batches
+            .iter()
+            .take_while(|b| b.gen < gen)
+            .all(|b| b.phase == Phase::Markers)
+    }
+
+    /// The closed batch right after `gen`, if there is one.
+    pub fn next_sealed_after(&self, gen: Gen) -> Option<Gen> {
+        self.batches
+            .iter()
+            .find(|b| b.gen > gen && b.phase == Phase::Outputs)
+            .map(|b| b.gen)
     }
 
     /// A record of `gen` the producer refused to queue: it will never be delivered.

@@ -7,6 +7,8 @@
 
 pub mod changelog;
 pub mod commit;
+mod failpoint;
+pub mod producer;
 pub mod router;
 pub mod runtime;
 pub mod tools;

@@ -22,9 +22,10 @@
 //! event at or past their due time; once it is caught up (no lag), every `timer_tick_ms` it fires
 //! the timers due by the wall clock. The records' `at` is the due time either way.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,12 +33,16 @@ use anyhow::{anyhow, bail, Context as _};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
+use super::commit::{self, Action, Gen, Pipeline};
+use super::failpoint::{failpoint, Failpoint};
+pub use super::producer::Delivery;
+use super::producer::{Opaque, Out};
 use super::{changelog, owner_of, producer_config, router};
 use crate::config::{Config, Guarantee};
 use crate::engine::EntryIntent;
@@ -78,103 +83,6 @@ impl Clock {
     }
 }
 
-/// Counts delivery failures reported by the producer and, for output records, observes the
-/// latency from the input record's timestamp to the broker's acknowledgement. A record's delivery
-/// opaque is that timestamp in epoch milliseconds (0: not an output record), or
-/// `MARKER_OPAQUE | partition` for a changelog marker, whose offset is kept.
-#[derive(Default)]
-pub struct Delivery {
-    failed: AtomicU64,
-    /// Records the producer refused to queue (also counted in `failed`).
-    refused: AtomicU64,
-    last_error: Mutex<Option<String>>,
-    /// A failure that no retry can mend (authorization, a record too large, an invalid record)
-    /// happened since the last check.
-    permanent: std::sync::atomic::AtomicBool,
-    latency: Option<prometheus::Histogram>,
-    /// Offset of the last acknowledged changelog marker, by partition.
-    markers: Mutex<HashMap<i32, i64>>,
-}
-
-/// Whether a produce error is one no retry can mend: the service stops and says which. Every
-/// other failure (broker unreachable, timeouts, leader changes, unknown errors during a broker
-/// restart) is retried in-process.
-fn is_permanent(code: rdkafka::types::RDKafkaErrorCode) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        code,
-        C::MessageSizeTooLarge
-            | C::InvalidMessageSize
-            | C::InvalidRecord
-            | C::MessageBatchTooLarge
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::TransactionalIdAuthorizationFailed
-            | C::SaslAuthenticationFailed
-            | C::ProducerFenced
-            | C::InvalidProducerEpoch
-            | C::InvalidTopic
-            | C::UnsupportedForMessageFormat
-            | C::UnsupportedVersion
-            // Not acknowledged within message.timeout.ms (60 s): the process was cut off for longer
-            // than a group session (paused, partitioned), so it has most likely lost its
-            // partitions to another member. Redoing the batch here would make it a zombie: stop,
-            // and a restart rejoins the group.
-            | C::MessageTimedOut
-    )
-}
-
-/// Delivery opaque flag of changelog markers (record times stay far below it).
-const MARKER_OPAQUE: usize = 1 << 62;
-
-impl Delivery {
-    /// `Err` with the count and the last error if any delivery failed since the last check.
-    pub fn check(&self) -> Result<(), String> {
-        let failed = self.failed.swap(0, Ordering::SeqCst);
-        self.refused.store(0, Ordering::SeqCst);
-        self.permanent.store(false, Ordering::SeqCst);
-        if failed == 0 {
-            return Ok(());
-        }
-        let last = self.last_error.lock().expect("not poisoned").clone();
-        Err(format!(
-            "{failed} record(s) not delivered (last error: {})",
-            last.unwrap_or_default()
-        ))
-    }
-}
-
-impl ClientContext for Delivery {}
-
-impl ProducerContext for Delivery {
-    type DeliveryOpaque = usize;
-    fn delivery(&self, result: &DeliveryResult<'_>, record_time: usize) {
-        match result {
-            Err((e, msg)) => {
-                self.failed.fetch_add(1, Ordering::SeqCst);
-                if e.rdkafka_error_code().is_some_and(is_permanent) {
-                    self.permanent.store(true, Ordering::SeqCst);
-                }
-                *self.last_error.lock().expect("not poisoned") =
-                    Some(format!("{e} (topic {})", msg.topic()));
-            }
-            Ok(msg) if record_time & MARKER_OPAQUE != 0 => {
-                let p = (record_time & !MARKER_OPAQUE) as i32;
-                self.markers
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(p, msg.offset());
-            }
-            Ok(_) => {
-                if let (Some(h), true) = (&self.latency, record_time > 0) {
-                    let now = Clock::system().now_ms();
-                    h.observe(((now - record_time as i64).max(0)) as f64 / 1000.0);
-                }
-            }
-        }
-    }
-}
-
 /// One owned partition number: its store, and the next offset to apply per topic.
 struct Part {
     proc: Processor<RocksStore>,
@@ -186,12 +94,12 @@ struct Part {
     /// The changelog offset the local store has reached (never goes backwards).
     changelog_next: i64,
     /// Where this writer's next changelog record lands if nobody else writes the partition (the
-    /// restore's end, then one past each acknowledged marker), and how many records it has sent
-    /// since. A marker acknowledged anywhere else means another writer's records are in between
-    /// (a zombie's, or a newer owner's): the batch is not written locally and the partition is
-    /// restored again (see [`Core::reopen`]).
+    /// restore's end, then one past each acknowledged marker), and how many records each batch
+    /// whose marker is in flight sent (oldest first). A marker acknowledged anywhere else means
+    /// another writer's records are in between (a zombie's, or a newer owner's): the batch is not
+    /// written locally and the partition is restored again (see [`Core::reopen`]).
     changelog_tail: i64,
-    changelog_sent: i64,
+    marks: VecDeque<(Gen, i64)>,
     /// `waymark_events_consumed_total` for each topic of this partition.
     consumed: HashMap<String, prometheus::IntCounter>,
     next: HashMap<String, i64>,
@@ -238,6 +146,27 @@ struct Core {
     /// changelog writer names).
     retries_in_row: u32,
     retries_total: u64,
+    /// at_least_once: the batches in flight (see [`commit`]); every record sent is counted in it
+    /// under its batch's generation.
+    pipeline: RefCell<Pipeline>,
+    /// Closed batches not yet written: when each closed and the input offsets it reached.
+    closed: VecDeque<Closed>,
+    /// Batches whose markers were sent so far (failpoints count batches by it).
+    marked: u64,
+    /// Inside the rebalance callback or the shutdown: group commits are synchronous there.
+    draining: bool,
+    /// Delivery reports taken from the producer's context, reused.
+    reports: Vec<(u64, bool)>,
+    /// The newest batch whose changelog changes were sent.
+    changes_sent: Gen,
+}
+
+/// A closed batch waiting for its acknowledgements.
+struct Closed {
+    gen: Gen,
+    at: Instant,
+    /// The next offset of each (topic, partition) the batch moved, for the group commit.
+    offsets: Vec<(String, i32, i64)>,
 }
 
 /// Room left in a record for its key, headers and framing when sizes are checked.
@@ -490,7 +419,7 @@ impl Core {
                 claim: self.restorer.is_some(),
                 changelog_next,
                 changelog_tail,
-                changelog_sent: 0,
+                marks: VecDeque::new(),
                 next: HashMap::new(),
                 consumed: HashMap::new(),
                 dirty_offsets: false,
@@ -535,19 +464,33 @@ impl Core {
         Ok(())
     }
 
-    /// Closes every store. Unless the partitions were lost to another member, the batch is made
-    /// durable first; a lost batch is dropped (its new owner redoes it).
+    /// Closes every store. Unless the partitions were lost to another member, every batch is
+    /// made durable first; lost batches are dropped (their new owner redoes them).
     fn revoke_all(&mut self, consumer: &BaseConsumer<Ctx>, lost: bool) -> anyhow::Result<()> {
         if lost {
             self.drop_batch()?;
         } else {
-            self.commit_batch(consumer)?;
+            self.make_durable(consumer)?;
         }
         self.close_all()
     }
 
-    /// Drops the uncommitted batch of every partition: staged state, and (exactly_once) the open
-    /// transaction. Under at_least_once, outputs already sent stay sent (the next owner sends the
+    /// Makes everything processed so far durable before returning: exactly_once commits the
+    /// transaction; at_least_once closes the open batch and waits until every batch is written.
+    /// Group commits are synchronous meanwhile (this runs in the rebalance callback, or at the
+    /// shutdown, where no poll serves their results).
+    fn make_durable(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        if self.eos {
+            return self.commit_batch(consumer);
+        }
+        let was = std::mem::replace(&mut self.draining, true);
+        let result = self.drain(consumer, false);
+        self.draining = was;
+        result
+    }
+
+    /// Drops every batch not yet written, in every partition: staged state (all generations), and
+    /// (exactly_once) the open transaction. Under at_least_once, outputs already sent stay sent (the next owner sends the
     /// same records again).
     fn drop_batch(&mut self) -> anyhow::Result<()> {
         if self.eos {
@@ -563,10 +506,12 @@ impl Core {
                 .begin_transaction()
                 .map_err(|e| anyhow!("beginning a transaction: {e}"))?;
         }
-        self.producer.context().failed.store(0, Ordering::SeqCst);
-        self.producer.context().refused.store(0, Ordering::SeqCst);
+        self.producer.context().reset_failures();
+        self.pipeline.get_mut().reset();
+        self.closed.clear();
         for part in self.parts.values_mut() {
             part.proc.discard()?;
+            part.marks.clear();
             part.dirty_offsets = false;
             for (topic, next) in part.next.iter_mut() {
                 *next = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?)
@@ -589,6 +534,7 @@ impl Core {
         tpl
     }
 
+    /// Sends an output, routed record or dead letter of the open batch.
     fn send(
         &self,
         topic: &str,
@@ -598,70 +544,27 @@ impl Core {
         headers: Option<OwnedHeaders>,
         record_time: Option<Millis>,
     ) {
-        // Record times at or above the marker flag (a producer may set any timestamp) are clamped
-        // below it, so an output is never taken for a changelog marker.
-        let opaque = record_time.map_or(0, |t| t.clamp(0, MARKER_OPAQUE as i64 - 1) as usize);
+        let gen = self.pipeline.borrow().open();
         self.send_raw(
-            topic,
-            partition,
-            key.as_bytes(),
-            Some(value),
-            headers,
-            opaque,
+            Out {
+                topic,
+                partition,
+                key: key.as_bytes(),
+                value: Some(value),
+                headers,
+                opaque: Opaque::record(gen, record_time),
+            },
+            gen,
         );
     }
 
-    /// Sends one record (`value` `None`: a tombstone), waiting while the producer's queue is full.
-    /// A record the producer refuses counts as a failed delivery: the batch will not commit.
-    fn send_raw(
-        &self,
-        topic: &str,
-        partition: Option<i32>,
-        key: &[u8],
-        value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-        opaque: usize,
-    ) {
-        let mut rec = BaseRecord::with_opaque_to(topic, opaque).key(key);
-        if let Some(v) = value {
-            rec = rec.payload(v);
-        }
-        if let Some(p) = partition {
-            rec = rec.partition(p);
-        }
-        if let Some(h) = headers {
-            rec = rec.headers(h);
-        }
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return,
-                Err((e, r)) => {
-                    if matches!(
-                        e,
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull
-                        )
-                    ) {
-                        self.producer.poll(Duration::from_millis(50));
-                        rec = r;
-                    } else {
-                        // Counted like a failed delivery: the batch will not commit.
-                        let d = self.producer.context();
-                        d.failed.fetch_add(1, Ordering::SeqCst);
-                        d.refused.fetch_add(1, Ordering::SeqCst);
-                        if e.rdkafka_error_code().is_some_and(is_permanent) {
-                            d.permanent.store(true, Ordering::SeqCst);
-                        }
-                        *self
-                            .producer
-                            .context()
-                            .last_error
-                            .lock()
-                            .expect("not poisoned") = Some(e.to_string());
-                        return;
-                    }
-                }
-            }
+    /// Sends one record of batch `gen`, waiting while the producer's queue is full, and counts
+    /// it in the pipeline. A record the producer refuses fails its batch.
+    fn send_raw(&self, out: Out<'_>, gen: Gen) {
+        if super::producer::send(&self.producer, out) {
+            self.pipeline.borrow_mut().sent(gen, 1);
+        } else {
+            self.pipeline.borrow_mut().refused(gen);
         }
     }
 
@@ -1220,112 +1123,199 @@ impl Core {
             && self.batch_started.elapsed() >= interval
     }
 
-    /// Makes the batch durable. at_least_once: wait until the broker has acknowledged every
-    /// output and changelog change, then send the changelog markers; commit the input offsets to
-    /// the group (a member that has been replaced learns it here and drops the batch); wait for
-    /// the markers, then write each partition's state, offsets and changelog position in one
-    /// local batch. exactly_once: commit outputs, changelog and input offsets in one transaction,
-    /// then write local state; an abortable error aborts, drops the batch and rewinds the consumer
-    /// to the last committed offsets.
-    fn commit_batch(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
-        let staged = self
-            .parts
-            .values()
-            .any(|p| p.dirty_offsets || p.claim || p.proc.state().staged() > 0);
-        if self.batch_inputs == 0 && !staged {
-            self.batch_started = Instant::now();
-            return Ok(());
-        }
-        let t0 = Instant::now();
-        let offsets_dirty = self.parts.values().any(|p| p.dirty_offsets);
-        for part in self.parts.values_mut() {
+    /// Stages each partition's input offsets (those that moved) with its open batch.
+    fn stage_offsets(&mut self) -> Vec<(String, i32, i64)> {
+        let mut moved = Vec::new();
+        for (p, part) in self.parts.iter_mut() {
             if part.dirty_offsets {
                 for (topic, next) in &part.next {
                     part.proc
                         .state_mut()
                         .stage_meta(&offset_key(topic), next.to_be_bytes().to_vec());
+                    moved.push((topic.clone(), *p, *next));
+                }
+            }
+            part.dirty_offsets = false;
+        }
+        moved
+    }
+
+    /// Whether the open batch holds anything to make durable: inputs, staged state, a claim.
+    fn batch_open_work(&self) -> bool {
+        self.batch_inputs > 0
+            || self
+                .parts
+                .values()
+                .any(|p| p.dirty_offsets || p.claim || p.proc.state().staged() > 0)
+    }
+
+    /// at_least_once: closes the open batch (its state sealed as a generation in each
+    /// partition's `State`) and opens the next; the batch becomes durable later, as the
+    /// [`commit`] pipeline says (see [`Core::pump`]). Processing goes on meanwhile.
+    fn close_batch(&mut self) {
+        self.batch_started = Instant::now();
+        if !self.batch_open_work() {
+            return;
+        }
+        let offsets = self.stage_offsets();
+        let gen = self.pipeline.get_mut().close();
+        for part in self.parts.values_mut() {
+            part.proc.state_mut().seal(gen);
+        }
+        self.closed.push_back(Closed {
+            gen,
+            at: Instant::now(),
+            offsets,
+        });
+        self.batch_inputs = 0;
+        // The changes go out at once unless an older batch's markers are still to be sent.
+        if self.pipeline.get_mut().markers_sent_before(gen) {
+            self.send_batch_changes(gen);
+        }
+    }
+
+    /// at_least_once: serves the producer's delivery reports (waiting up to `wait` for one) and
+    /// does what the commit pipeline says: send a batch's changelog markers and commit its
+    /// offsets, write a batch's state, or drop everything in flight and retry.
+    fn pump(&mut self, consumer: &BaseConsumer<Ctx>, wait: Duration) -> anyhow::Result<()> {
+        self.producer.poll(wait);
+        self.producer.context().take_reports(&mut self.reports);
+        {
+            let pipeline = self.pipeline.get_mut();
+            for (t, ok) in self.reports.drain(..) {
+                pipeline.delivered(t, ok);
+            }
+        }
+        loop {
+            let action = self.pipeline.get_mut().next_action();
+            match action {
+                None => return Ok(()),
+                Some(Action::SendMarkers(gen)) => self.send_markers(consumer, gen)?,
+                Some(Action::Write(gen)) => self.write_batch(consumer, gen)?,
+                Some(Action::Retry) => {
+                    let ctx = self.producer.context();
+                    let permanent = ctx.permanent.swap(false, Ordering::SeqCst);
+                    let e = ctx
+                        .check()
+                        .err()
+                        .unwrap_or_else(|| "a record was not delivered".into());
+                    if permanent {
+                        bail!("a permanent produce error: {e}; state not committed, a restart replays the batch");
+                    }
+                    self.retry_batch(consumer, anyhow!("{e}"))?;
                 }
             }
         }
-        if let Some(Failpoint::CrashBeforeChangelog(n)) = self.failpoint {
-            if self.commits + 1 == n {
+    }
+
+    /// at_least_once: closes the open batch and waits until every batch in flight is written (or
+    /// dropped by a retry). `sealed_only`: leaves the open batch open (it is about to be dropped).
+    fn drain(&mut self, consumer: &BaseConsumer<Ctx>, sealed_only: bool) -> anyhow::Result<()> {
+        if !sealed_only {
+            self.close_batch();
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.pipeline.get_mut().sealed() > 0 {
+            if Instant::now() > deadline {
+                bail!("records not acknowledged by the broker within 90 s; state not committed, a restart replays them");
+            }
+            self.pump(consumer, Duration::from_millis(20))?;
+        }
+        Ok(())
+    }
+
+    /// at_least_once: every output, routed record and dead letter of batch `gen` is acknowledged.
+    /// Sends the batch's changelog changes and markers (a marker makes its batch part of the
+    /// partition's state for whoever restores it next, so it goes out only now: the producer
+    /// orders records per partition only, and a marker acknowledged before an output on another
+    /// partition would, after a crash, restore past inputs whose outputs never arrived), and
+    /// commits its input offsets to the group (a member that has been replaced learns it there).
+    fn send_markers(&mut self, consumer: &BaseConsumer<Ctx>, gen: Gen) -> anyhow::Result<()> {
+        let n = self.marked + 1;
+        if let Some(Failpoint::CrashBeforeChangelog(k)) = self.failpoint {
+            if k == n {
                 // Outputs acknowledged; neither the changelog nor the local store has the batch.
-                self.flush_and_check("outputs")?;
                 error!(
                     commit = n,
-                    inputs = self.batch_inputs,
                     "failpoint crash_before_changelog: aborting after the outputs were acknowledged, before the batch reaches the changelog or the state"
                 );
                 std::process::abort();
             }
         }
-        for (p, n) in self.send_changelog_changes() {
-            if let Some(part) = self.parts.get_mut(&p) {
-                part.changelog_sent += n;
+        if self.failpoint == Some(Failpoint::FailOutputs(n)) {
+            self.failpoint = None;
+            warn!("failpoint fail_outputs: treating this batch's delivery as failed");
+            return self.retry_batch(
+                consumer,
+                anyhow!("failpoint fail_outputs: a transient delivery failure"),
+            );
+        }
+        self.marked = n;
+        let closed = self.closed.iter().find(|c| c.gen == gen);
+        if let Some(c) = closed {
+            self.metrics
+                .commit_seconds
+                .with_label_values(&["acks"])
+                .observe(c.at.elapsed().as_secs_f64());
+        }
+        let offsets = closed.map(|c| c.offsets.clone()).unwrap_or_default();
+        self.send_batch_changes(gen);
+        let mut ps: Vec<i32> = self.parts.keys().copied().collect();
+        ps.sort();
+        for p in ps {
+            self.send_marker(p, gen, Some(gen));
+        }
+        // The next batch's changes may follow now.
+        if let Some(next) = self.pipeline.get_mut().next_sealed_after(gen) {
+            self.send_batch_changes(next);
+        }
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p, next) in &offsets {
+            if self.parts.contains_key(p) {
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*next));
             }
         }
-        // at_least_once: a marker makes its batch part of the partition's state for whoever
-        // restores it next, so it goes out only once every output, routed record and dead letter
-        // of the batch is acknowledged (the producer orders records per partition only: a marker
-        // acknowledged before an output on another partition would, after a crash, restore past
-        // inputs whose outputs never arrived). Its acknowledgement is awaited after the group
-        // commit, whose round trip it shares.
-        if !self.eos {
-            if let Err(e) = self.flush_and_check("outputs") {
-                return self.retry_batch(consumer, e);
-            }
-            if self.failpoint == Some(Failpoint::FailOutputs(self.commits + 1)) {
-                self.failpoint = None;
-                warn!("failpoint fail_outputs: treating this batch's delivery as failed");
-                return self.retry_batch(
-                    consumer,
-                    anyhow!("failpoint fail_outputs: a transient delivery failure"),
-                );
+        let t0 = Instant::now();
+        let mode = if self.draining {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {}
+            Err(e) if is_fenced(&e) => return self.fenced(&e),
+            Err(e) => {
+                warn!(error = %e, "group offset commit failed (progress only; the state store holds the offsets)")
             }
         }
-        let marked = self.send_changelog_markers();
-        for p in &marked {
-            if let Some(part) = self.parts.get_mut(p) {
-                part.changelog_sent += 1;
-            }
-        }
-        if self.eos && !self.commit_transaction(consumer)? {
-            return Ok(()); // aborted and rewound
-        }
-        let acked = Instant::now();
-        self.metrics
-            .commit_seconds
-            .with_label_values(&[if self.eos { "transaction" } else { "acks" }])
-            .observe((acked - t0).as_secs_f64());
-        self.commits += 1;
-        self.retries_in_row = 0;
-        if !self.eos && offsets_dirty {
-            let offsets = self.offsets();
-            match consumer.commit(&offsets, CommitMode::Sync) {
-                Ok(()) => {}
-                Err(e) if is_fenced(&e) => {
-                    // Another member owns these partitions now: what this batch changed is
-                    // theirs to redo. Close everything; the group will assign afresh.
-                    self.metrics.fenced.inc();
-                    warn!(error = %e, "this member was replaced in the group: dropping the uncommitted batch and closing its partitions");
-                    self.drop_batch()?;
-                    self.close_all()?;
-                    return Ok(());
-                }
-                Err(e) => {
-                    warn!(error = %e, "group offset commit failed (progress only; the state store holds the offsets)")
-                }
-            }
+        if self.draining {
             self.metrics
                 .commit_seconds
                 .with_label_values(&["group"])
-                .observe(acked.elapsed().as_secs_f64());
+                .observe(t0.elapsed().as_secs_f64());
         }
-        if !self.eos && !marked.is_empty() {
-            if let Err(e) = self.flush_and_check("changelog markers") {
-                return self.retry_batch(consumer, e);
-            }
-        }
+        Ok(())
+    }
+
+    /// The group says another member owns these partitions now: what is in flight is theirs to
+    /// redo. Drops it and closes everything; the group will assign afresh.
+    fn fenced(&mut self, e: &dyn std::fmt::Display) -> anyhow::Result<()> {
+        self.metrics.fenced.inc();
+        warn!(error = %e, "this member was replaced in the group: dropping the uncommitted batches and closing its partitions");
+        self.drop_batch()?;
+        self.close_all()
+    }
+
+    /// at_least_once: batch `gen`'s outputs, changelog changes and markers are acknowledged: its
+    /// state goes to each partition's store with the input offsets and changelog position it
+    /// reached, in one local batch per partition.
+    fn write_batch(&mut self, consumer: &BaseConsumer<Ctx>, gen: Gen) -> anyhow::Result<()> {
+        self.closed.retain(|c| c.gen != gen);
+        self.commits += 1;
+        self.retries_in_row = 0;
         if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
             error!(
                 commit = self.commits,
@@ -1333,18 +1323,25 @@ impl Core {
             );
             std::process::abort();
         }
+        self.write_parts(consumer, gen, Some(gen))
+    }
+
+    /// Writes batch `gen` of every partition: `sealed` names the sealed generation to write
+    /// (at_least_once), `None` writes what is staged (exactly_once, after the transaction).
+    /// A partition whose marker landed where another writer's records are is restored again.
+    fn write_parts(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        gen: Gen,
+        sealed: Option<Gen>,
+    ) -> anyhow::Result<()> {
         let t_state = Instant::now();
-        let markers = std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .markers
-                .lock()
-                .expect("not poisoned"),
-        );
+        let markers = self.producer.context().take_markers(commit::tag(gen));
         let mut interleaved = Vec::new();
         for (p, part) in self.parts.iter_mut() {
-            if marked.contains(p) {
+            let mut meta: Vec<(&str, Vec<u8>)> = Vec::new();
+            if part.marks.front().is_some_and(|m| m.0 == gen) {
+                let (_, sent) = part.marks.pop_front().expect("checked");
                 let Some(&offset) = markers.get(p) else {
                     bail!(
                         "the changelog marker of partition {p} was acknowledged without an offset"
@@ -1358,8 +1355,7 @@ impl Core {
                 // records and never see them): the partition is restored again instead.
                 // (exactly_once: transaction markers take offsets too; there the producer fence
                 // keeps zombies out.)
-                let expected = part.changelog_tail + part.changelog_sent - 1;
-                part.changelog_sent = 0;
+                let expected = part.changelog_tail + sent - 1;
                 if !self.eos && offset != expected {
                     warn!(
                         partition = p,
@@ -1369,6 +1365,7 @@ impl Core {
                     );
                     self.metrics.changelog_interleaved.inc();
                     part.proc.discard()?;
+                    part.marks.clear();
                     part.dirty_offsets = false;
                     interleaved.push(*p);
                     continue;
@@ -1388,24 +1385,70 @@ impl Core {
                     );
                 }
                 part.changelog_next = next;
-                let state = part.proc.state_mut();
-                state.stage_meta(changelog::META_NEXT, next.to_be_bytes().to_vec());
-                state.stage_meta(changelog::META_EPOCH, part.epoch.to_be_bytes().to_vec());
-                part.claim = false;
+                meta.push((changelog::META_NEXT, next.to_be_bytes().to_vec()));
+                meta.push((changelog::META_EPOCH, part.epoch.to_be_bytes().to_vec()));
             }
-            part.dirty_offsets = false;
-            part.proc.commit()?;
+            let state = part.proc.state_mut();
+            match sealed {
+                Some(g) => {
+                    state.commit_sealed(g, &meta)?;
+                }
+                None => {
+                    for (k, v) in meta {
+                        state.stage_meta(k, v);
+                    }
+                    part.proc.commit()?;
+                }
+            }
         }
         self.metrics
             .commit_seconds
             .with_label_values(&["state"])
             .observe(t_state.elapsed().as_secs_f64());
-        self.batch_inputs = 0;
-        self.batch_started = Instant::now();
         interleaved.sort();
         for p in interleaved {
             self.reopen(consumer, p)?;
         }
+        Ok(())
+    }
+
+    /// exactly_once: commits outputs, changelog changes and markers, and input offsets in one
+    /// transaction, then writes local state; an abortable error aborts, drops the batch and
+    /// rewinds the consumer to the last committed offsets.
+    fn commit_batch(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        if !self.batch_open_work() {
+            self.batch_started = Instant::now();
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        self.stage_offsets();
+        let gen = self.pipeline.get_mut().open();
+        let mut ps: Vec<i32> = self.parts.keys().copied().collect();
+        ps.sort();
+        for p in ps {
+            self.send_changes(p, gen, None);
+            self.send_marker(p, gen, None);
+        }
+        if !self.commit_transaction(consumer)? {
+            return Ok(()); // aborted and rewound
+        }
+        self.metrics
+            .commit_seconds
+            .with_label_values(&["transaction"])
+            .observe(t0.elapsed().as_secs_f64());
+        self.commits += 1;
+        if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
+            error!(
+                commit = self.commits,
+                "failpoint crash_after_acks: aborting after the transaction committed, before the local state write"
+            );
+            std::process::abort();
+        }
+        self.write_parts(consumer, gen, None)?;
+        // The transaction holds every record it counted: the next batch counts afresh.
+        self.pipeline.get_mut().reset();
+        self.batch_inputs = 0;
+        self.batch_started = Instant::now();
         Ok(())
     }
 
@@ -1471,12 +1514,11 @@ impl Core {
         Ok(())
     }
 
-    /// at_least_once: waits until the broker has acknowledged everything sent so far.
     /// at_least_once: a batch whose records were not all delivered. A permanent error stops the
-    /// service with it; anything else (a broker restart, a timeout) drops the batch, rewinds to
-    /// the last committed offsets and goes on after a backoff, under a new changelog writer name
-    /// so that a restore never applies the dropped batch's records. Counted in
-    /// `waymark_batch_retries_total`.
+    /// service with it; anything else (a broker restart, a timeout) drops every batch not yet
+    /// written, rewinds to the last written offsets and goes on after a backoff, under a new
+    /// changelog writer name so that a restore never applies the dropped batches' records.
+    /// Counted in `waymark_batch_retries_total`.
     fn retry_batch(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
@@ -1495,40 +1537,22 @@ impl Core {
         let backoff = Duration::from_millis(200u64 << self.retries_in_row.min(7))
             .min(Duration::from_secs(20));
         warn!(error = %e, retry = self.retries_in_row, backoff_ms = backoff.as_millis() as u64, "batch not delivered: dropping it, rewinding to the last committed offsets and retrying");
-        // Records of the dropped batch may be in the changelog without their marker: a new writer
-        // name leaves them unfinished for good (a restore drops them).
+        // Records of the dropped batches may be in the changelog without their marker: a new
+        // writer name leaves them unfinished for good (a restore drops them).
         for (p, part) in self.parts.iter_mut() {
             part.writer = format!(
                 "{}-p{p}-e{}-r{}",
                 self.incarnation, part.epoch, self.retries_total
             );
             part.claim = self.restorer.is_some();
-            // Whether any of them landed is unknown: counted as none, so if some did, the next
-            // marker is found out of place and the partition restored again (always safe).
-            part.changelog_sent = 0;
         }
         self.retries_total += 1;
+        // Whether any of their records landed is unknown: counted as none (the marks are
+        // dropped), so if some did, the next marker is found out of place and the partition
+        // restored again (always safe).
         self.rewind(consumer)?;
         std::thread::sleep(backoff);
         Ok(())
-    }
-
-    fn flush_and_check(&self, what: &str) -> anyhow::Result<()> {
-        self.producer.flush(Duration::from_secs(90)).map_err(|e| {
-            anyhow!("{what} not acknowledged by the broker: {e}; state not committed, a restart replays them")
-        })?;
-        self.producer
-            .context()
-            .check()
-            .map_err(|e| anyhow!("{e}; state not committed, a restart replays them"))
-    }
-
-    /// The partitions that owe the changelog a batch: staged changes, or a claim.
-    fn changelog_parts(&self) -> impl Iterator<Item = (&i32, &Part)> {
-        let on = self.restorer.is_some();
-        self.parts
-            .iter()
-            .filter(move |(_, part)| on && (part.claim || part.proc.state().staged() > 0))
     }
 
     fn writer_header(&self, part: &Part) -> OwnedHeaders {
@@ -1543,54 +1567,100 @@ impl Core {
             })
     }
 
-    /// Sends every staged change of every partition to the changelog. Until its marker follows,
-    /// a restore ignores them.
-    /// Returns how many records went to each partition.
-    fn send_changelog_changes(&self) -> Vec<(i32, i64)> {
-        let topic = &self.cfg.topics.changelog;
-        let mut sent = Vec::new();
-        for (p, part) in self.changelog_parts() {
-            let mut n = 0i64;
-            for (table, key, value) in part.proc.state().pending() {
-                if changelog::is_local_meta(table, key) {
-                    continue;
-                }
-                let k = changelog::record_key(table, key);
-                self.send_raw(
-                    topic,
-                    Some(*p),
-                    &k,
-                    value,
-                    Some(self.writer_header(part)),
-                    0,
-                );
-                n += 1;
-            }
-            sent.push((*p, n));
+    /// Sends partition `p`'s changes of batch `gen` to the changelog (until its marker follows,
+    /// a restore ignores them). `sealed`: the sealed generation's changes (at_least_once),
+    /// `None`: the open batch's (exactly_once).
+    fn send_changes(&mut self, p: i32, gen: Gen, sealed: Option<Gen>) {
+        let Some(part) = self.parts.get(&p) else {
+            return;
+        };
+        if self.restorer.is_none() {
+            return;
         }
-        self.metrics
-            .changelog_records
-            .inc_by(sent.iter().map(|(_, n)| *n as u64).sum());
-        sent
+        let state = part.proc.state();
+        let writes: Box<dyn Iterator<Item = _>> = match sealed {
+            Some(g) => Box::new(state.sealed_writes(g)),
+            None => Box::new(state.pending()),
+        };
+        let topic = &self.cfg.topics.changelog;
+        let mut n = 0i64;
+        for (table, key, value) in writes {
+            if changelog::is_local_meta(table, key) {
+                continue;
+            }
+            let k = changelog::record_key(table, key);
+            self.send_raw(
+                Out {
+                    topic,
+                    partition: Some(p),
+                    key: &k,
+                    value,
+                    headers: Some(self.writer_header(part)),
+                    opaque: Opaque::record(gen, None),
+                },
+                gen,
+            );
+            n += 1;
+        }
+        if n > 0 {
+            self.metrics.changelog_records.inc_by(n as u64);
+            let part = self.parts.get_mut(&p).expect("checked above");
+            part.marks.push_back((gen, n));
+        }
     }
 
-    /// Sends each partition's marker after its changes. Returns the partitions that wrote one.
-    fn send_changelog_markers(&self) -> Vec<i32> {
-        let topic = &self.cfg.topics.changelog;
-        let mut marked = Vec::new();
-        for (p, part) in self.changelog_parts() {
-            self.send_raw(
-                topic,
-                Some(*p),
-                &changelog::marker_key(&part.writer),
-                Some(&changelog::marker_value(part.epoch)),
-                Some(self.writer_header(part)),
-                MARKER_OPAQUE | *p as usize,
-            );
-            marked.push(*p);
+    /// Sends partition `p`'s marker of batch `gen`, after its changes, if it owes one: changes,
+    /// or a claim. A partition opened after the batch closed has no part in it (its claim goes
+    /// with its own first batch).
+    fn send_marker(&mut self, p: i32, gen: Gen, sealed: Option<Gen>) {
+        let Some(part) = self.parts.get(&p) else {
+            return;
+        };
+        let state = part.proc.state();
+        let ops = match sealed {
+            Some(g) => match state.sealed_ops(g) {
+                Some(n) => n,
+                None => return,
+            },
+            None => state.staged(),
+        };
+        if self.restorer.is_none() || !(part.claim || ops > 0) {
+            return;
         }
-        self.metrics.changelog_records.inc_by(marked.len() as u64);
-        marked
+        self.send_raw(
+            Out {
+                topic: &self.cfg.topics.changelog,
+                partition: Some(p),
+                key: &changelog::marker_key(&part.writer),
+                value: Some(&changelog::marker_value(part.epoch)),
+                headers: Some(self.writer_header(part)),
+                opaque: Opaque::marker(gen, p),
+            },
+            gen,
+        );
+        self.metrics.changelog_records.inc();
+        let part = self.parts.get_mut(&p).expect("checked above");
+        match part.marks.back_mut() {
+            Some((g, n)) if *g == gen => *n += 1,
+            _ => part.marks.push_back((gen, 1)),
+        }
+        part.claim = false;
+    }
+
+    /// at_least_once: sends sealed batch `gen`'s changes to the changelog of every partition, if
+    /// not sent yet. Each batch's changes go after the markers of every older batch (a restore
+    /// applies all of a writer's records up to its marker: the next batch's changes must not
+    /// come before this batch's marker).
+    fn send_batch_changes(&mut self, gen: Gen) {
+        if gen <= self.changes_sent {
+            return;
+        }
+        self.changes_sent = gen;
+        let mut ps: Vec<i32> = self.parts.keys().copied().collect();
+        ps.sort();
+        for p in ps {
+            self.send_changes(p, gen, Some(gen));
+        }
     }
 
     /// exactly_once: adds the input offsets to the open transaction and commits it. A timeout is
@@ -1847,6 +1917,8 @@ struct Ctx {
     metrics: Arc<Metrics>,
     /// High watermarks by (topic, partition), from the client's statistics.
     high: Mutex<HashMap<(String, i32), i64>>,
+    /// An asynchronous offset commit found this member replaced in the group.
+    fenced: AtomicBool,
 }
 
 impl ClientContext for Ctx {
@@ -1890,7 +1962,7 @@ impl ConsumerContext for Ctx {
                         } else if let Err(e) = if core.eos {
                             Ok(())
                         } else {
-                            core.commit_batch(consumer)
+                            core.make_durable(consumer)
                         } {
                             // The claim markers (and records of archived sessions) go out now.
                             core.fatal = Some(e);
@@ -1931,8 +2003,13 @@ impl ConsumerContext for Ctx {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            warn!(error = %e, "group offset commit failed (progress only; the state store holds the offsets)");
+        match result {
+            Ok(()) => {}
+            // The processing thread drops what is in flight and closes its partitions.
+            Err(e) if is_fenced(&e) => self.fenced.store(true, Ordering::SeqCst),
+            Err(e) => {
+                warn!(error = %e, "group offset commit failed (progress only; the state store holds the offsets)")
+            }
         }
     }
 }
@@ -1974,60 +2051,6 @@ fn instance_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Test failpoints, from `WAYMARK_FAILPOINT`: the process aborts at the N-th batch commit. Only
-/// in builds with the `failpoints` feature, which `make` enables for the test suites; the release
-/// image (`deploy/Dockerfile`: `cargo build --release`) has none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
-enum Failpoint {
-    /// `crash_after_acks:N`: after outputs and changelog records are acknowledged (and the group
-    /// commit), before the local state write.
-    CrashAfterAcks(u64),
-    /// `crash_before_changelog:N`: after the outputs are acknowledged, before any of the batch's
-    /// changelog records is sent.
-    CrashBeforeChangelog(u64),
-    /// `fail_outputs:N`: the N-th commit's outputs, once acknowledged, are treated as not
-    /// delivered (at_least_once): the batch is dropped, rewound and redone in-process, once.
-    FailOutputs(u64),
-    /// `restore_delay:MS`: each partition's restore waits MS milliseconds after reading the
-    /// changelog's end (so a test can look at the instance while it restores).
-    RestoreDelay(u64),
-    /// `drain_delay:MS`: on shutdown, waits MS milliseconds before draining (so a test can send
-    /// a second signal while the drain is under way).
-    DrainDelay(u64),
-}
-
-/// Without the `failpoints` feature (the release binary) there are none: the crash hooks cannot be
-/// reached from the environment.
-#[cfg(not(feature = "failpoints"))]
-fn failpoint() -> anyhow::Result<Option<Failpoint>> {
-    Ok(None)
-}
-
-#[cfg(feature = "failpoints")]
-fn failpoint() -> anyhow::Result<Option<Failpoint>> {
-    let Ok(v) = std::env::var("WAYMARK_FAILPOINT") else {
-        return Ok(None);
-    };
-    let parse = |prefix: &str| v.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
-    if let Some(n) = parse("crash_after_acks:") {
-        return Ok(Some(Failpoint::CrashAfterAcks(n)));
-    }
-    if let Some(n) = parse("crash_before_changelog:") {
-        return Ok(Some(Failpoint::CrashBeforeChangelog(n)));
-    }
-    if let Some(n) = parse("fail_outputs:") {
-        return Ok(Some(Failpoint::FailOutputs(n)));
-    }
-    if let Some(ms) = parse("restore_delay:") {
-        return Ok(Some(Failpoint::RestoreDelay(ms)));
-    }
-    if let Some(ms) = parse("drain_delay:") {
-        return Ok(Some(Failpoint::DrainDelay(ms)));
-    }
-    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N, crash_before_changelog:N, fail_outputs:N, restore_delay:MS and drain_delay:MS")
-}
-
 /// Runs the service until `shutdown` is set; returns after draining and committing.
 pub fn run(
     cfg: Config,
@@ -2052,11 +2075,11 @@ pub fn run(
         );
         info!(transactional_id = %id, "exactly_once: transactional producer");
     }
+    let mut delivery = Delivery::tracking(metrics.latency.clone());
+    // exactly_once: the transaction judges the deliveries; nobody reads the reports.
+    delivery.track = !eos;
     let producer: BaseProducer<Delivery> = pc
-        .create_with_context(Delivery {
-            latency: Some(metrics.latency.clone()),
-            ..Delivery::default()
-        })
+        .create_with_context(delivery)
         .context("creating the producer")?;
     if eos {
         producer
@@ -2107,6 +2130,12 @@ pub fn run(
         max_record_bytes: cfg.max_record_bytes(),
         retries_in_row: 0,
         retries_total: 0,
+        pipeline: RefCell::new(Pipeline::new(cfg.processing.max_batches_in_flight)),
+        closed: VecDeque::new(),
+        marked: 0,
+        draining: false,
+        reports: Vec::new(),
+        changes_sent: 0,
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let mut consumer = super::base_config(&cfg.kafka.brokers);
@@ -2130,6 +2159,7 @@ pub fn run(
             core: core.clone(),
             metrics: metrics.clone(),
             high: Mutex::new(HashMap::new()),
+            fenced: AtomicBool::new(false),
         })
         .context("creating the consumer")?;
     let mut topics: Vec<&str> = cfg
@@ -2147,10 +2177,27 @@ pub fn run(
     let mut journeys_seen = dir_signature(&cfg.journeys.dir);
     let mut last_look = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
-        let msg = consumer.poll(Duration::from_millis(20));
+        // Back-pressure: with as many batches waiting for acknowledgements as allowed, no input
+        // is read until the oldest is written.
+        let full = !eos
+            && core
+                .lock()
+                .expect("not poisoned")
+                .pipeline
+                .get_mut()
+                .is_full();
+        let msg = if full {
+            None
+        } else {
+            consumer.poll(Duration::from_millis(20))
+        };
         let mut core = core.lock().expect("not poisoned");
         if let Some(e) = core.fatal.take() {
             return Err(e);
+        }
+        if consumer.context().fenced.swap(false, Ordering::SeqCst) {
+            core.fenced(&"an offset commit was refused: unknown member or generation")?;
+            continue;
         }
         let idle = match msg {
             Some(Ok(m)) => {
@@ -2167,11 +2214,27 @@ pub fn run(
             return Err(e);
         }
         if std::mem::take(&mut core.rewind_requested) {
+            // Batches closed before the poisoned input are made durable; the open one is dropped.
+            if !eos {
+                core.drain(&consumer, true)?;
+            }
             core.rewind(&consumer)?;
             continue;
         }
-        if core.batch_due() || (idle && core.batch_inputs > 0) {
-            core.commit_batch(&consumer)?;
+        let due = core.batch_due() || (idle && core.batch_inputs > 0);
+        if eos {
+            if due {
+                core.commit_batch(&consumer)?;
+            }
+        } else {
+            if due {
+                core.close_batch();
+            }
+            if full {
+                core.pump(&consumer, Duration::from_millis(10))?;
+            } else if due || idle || core.batch_inputs % 64 == 0 {
+                core.pump(&consumer, Duration::ZERO)?;
+            }
         }
         loops = loops.wrapping_add(1);
         // Journey changes: SIGHUP, or a file of the directory changed (looked at every 2 s).
@@ -2203,6 +2266,7 @@ pub fn run(
             warn!(ms, "failpoint drain_delay: waiting before the drain");
             std::thread::sleep(Duration::from_millis(ms));
         }
+        core.draining = true;
         core.revoke_all(&consumer, false)?;
         core.producer.flush(Duration::from_secs(30)).ok();
     }

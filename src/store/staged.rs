@@ -15,6 +15,9 @@ use super::{Put, Table};
 
 type Map = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// Staged writes in key order: (key, value; `None` deleted).
+pub(super) type Overlay<'a> = Box<dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a>;
+
 pub(super) fn slot(t: Table) -> usize {
     match t {
         Table::Sessions => 0,
@@ -143,7 +146,7 @@ impl Staged {
         table: Table,
         start: &'a [u8],
         prefix: Option<&'a [u8]>,
-    ) -> Box<dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a> {
+    ) -> Overlay<'a> {
         let in_range = move |k: &[u8]| prefix.is_none_or(|p| k.starts_with(p));
         let range = move |m: &'a Map| {
             m.range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
