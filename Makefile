@@ -12,7 +12,7 @@ PROFILE := --release
 # the release image (deploy/Dockerfile) is built without them.
 FEATURES := --features failpoints
 
-.PHONY: help deps build test test-unit lint broker broker-stop demo fuzz bench bench-core bench-replay bench-profiles bench-backtest bench-kafka bench-kafka-profiles bench-guarantees chaos validate clean
+.PHONY: help deps build test test-unit lint broker broker-stop demo fuzz bench bench-core bench-replay bench-profiles bench-backtest bench-kafka bench-kafka-profiles bench-startup bench-guarantees chaos validate clean
 
 help: ## List the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ bench-guarantees: ## Changelog on/off and exactly-once vs at-least-once, side by
 
 bench-kafka: build broker ## 2M events through `waymark run` against the local broker
 	@scripts/bench-kafka.sh $(BIN) $(BROKERS)
+
+bench-startup: build broker ## Start-up: 200k events, one fresh `waymark run` from process start until every input is durable
+	@scripts/bench-startup.sh $(BIN) $(BROKERS)
 
 bench-kafka-profiles: build broker ## `waymark run` with and without 1M profiles loaded, each as a share of consume-only (400k events)
 	@scripts/bench-kafka-profiles.sh $(BIN) $(BROKERS)

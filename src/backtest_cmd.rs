@@ -7,7 +7,7 @@ use std::sync::Arc;
 use waymark::journey::load_dir;
 use waymark::replay::ReplayOptions;
 
-use crate::{parse_until, EngineRun};
+use crate::cli::{parse_until, EngineRun};
 
 /// Where a backtest reads its events: a file, or a time range of Kafka topics.
 #[derive(clap::Args)]

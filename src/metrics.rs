@@ -36,6 +36,8 @@ pub struct Metrics {
     pub timer_lateness: Histogram,
     pub latency: Histogram,
     pub lag: IntGaugeVec,
+    /// The next input offset whose effects are durable (outputs acknowledged, state written).
+    pub committed_offset: IntGaugeVec,
     pub active_sessions: IntGaugeVec,
     pub rebalances: IntCounter,
     pub batch_retries: IntCounter,
@@ -87,6 +89,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(lag.clone())).expect("unique metric");
+        let committed_offset = IntGaugeVec::new(
+            Opts::new(
+                "waymark_committed_offset",
+                "The next input offset whose effects are durable (outputs acknowledged, state written)",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(committed_offset.clone()))
+            .expect("unique metric");
         let quiet_held = IntGaugeVec::new(
             Opts::new(
                 "waymark_quiet_hours_held",
@@ -314,6 +326,7 @@ impl Metrics {
                 "Consumer group rebalances seen",
             ),
             lag,
+            committed_offset,
             active_sessions: active,
             partitions_assigned: partitions,
             commit_seconds: commit,

@@ -832,6 +832,13 @@ fn crash_after_acks(scenario: &str, changelog: bool, failpoint: &str) -> Tally {
         s.extra_env
             .push(("WAYMARK_STATE_CHANGELOG".into(), "false".into()));
     }
+    // One closed batch at a time: with more, the batches after the crashed one have published
+    // outputs too (they are processed while it waits), and their repeats would hide whether the
+    // crashed batch itself was redone.
+    s.extra_env.push((
+        "WAYMARK_PROCESSING_MAX_BATCHES_IN_FLIGHT".into(),
+        "1".into(),
+    ));
     let expire = session() + secs(3);
     let mut c = Cluster::new(&s);
     // The whole stream is there before the first crashing start, so every run has work to crash

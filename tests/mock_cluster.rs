@@ -567,6 +567,69 @@ fn at_least_once_sends_a_changelog_marker_only_after_the_outputs_are_acknowledge
     assert_eq!(m.stored_offsets(), 20);
 }
 
+/// at_least_once pipelines its commits: while a closed batch waits for its outputs'
+/// acknowledgements, the next batch is processed; but neither batch's state nor its input offsets
+/// reach the local store, and no marker reaches the changelog, before its outputs are
+/// acknowledged. (The bound on batches waiting, `is_full`, is unit-tested in `kafka::commit`:
+/// here how the inputs fall into batches is up to the fetches, so the bound is set high.)
+#[test]
+fn at_least_once_processes_the_next_batch_while_the_last_waits_and_writes_neither_early() {
+    let m = Mock::with_brokers(2);
+    for p in 0..PARTITIONS {
+        m.cluster.partition_leader(ENTRIES, p, Some(2)).unwrap();
+    }
+    let r = start(m.config(&[
+        ("WAYMARK_PROCESSING_GUARANTEE", "at_least_once"),
+        ("WAYMARK_PROCESSING_COMMIT_INTERVAL_MS", "100"),
+        ("WAYMARK_PROCESSING_MAX_BATCHES_IN_FLIGHT", "64"),
+    ]));
+    r.wait(Duration::from_secs(60), "ready", |r| {
+        r.metrics.ready_flag.load(Ordering::SeqCst)
+    });
+    let (_, claims) = m.changelog();
+    m.cluster.broker_down(2).unwrap();
+    m.signups(0, 20);
+    r.wait(Duration::from_secs(30), "the first batch", |r| {
+        r.entries() >= 20
+    });
+    // Let the first batch close, then give the next one work: it is processed although the
+    // first batch's outputs are not acknowledged.
+    std::thread::sleep(Duration::from_millis(500));
+    m.signups(20, 40);
+    r.wait(Duration::from_secs(30), "the second batch", |r| {
+        r.entries() >= 40
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        m.sessions(),
+        0,
+        "state written before its outputs were acknowledged"
+    );
+    assert_eq!(
+        m.stored_offsets(),
+        0,
+        "offsets written before their outputs were acknowledged"
+    );
+    assert_eq!(
+        m.changelog().1,
+        claims,
+        "a marker before its outputs were acknowledged"
+    );
+    m.cluster.broker_up(2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while m.sessions() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the batches were not written once their outputs were acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.stop().unwrap();
+    assert_eq!(m.count(ENTRIES), 40);
+    assert_eq!(m.sessions(), 40);
+    assert_eq!(m.stored_offsets(), 40);
+}
+
 /// A dead writer's unfinished batch is the newest record of its keys; compaction could then drop
 /// the committed value under it. The partition's next owner writes the restored value again with
 /// its claim, so a committed record is the newest one again.

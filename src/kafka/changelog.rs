@@ -19,7 +19,8 @@
 //!   is applied is the same. One hazard remains: a dropped record (unfinished or a zombie's) is
 //!   the newest of its key, so compaction could remove the committed value before it. Two things
 //!   close it: the restore reports the keys it dropped ([`Restore::dropped`]) and the new owner
-//!   writes their restored values again in its claim, so a committed record is again the newest;
+//!   writes their values again in the batch after its claim (once the claim is acknowledged in
+//!   place), so a committed record is again the newest;
 //!   and the topic is created with `min.compaction.lag.ms` (`state.changelog_min_compaction_lag_ms`),
 //!   so a record that young cannot make the cleaner drop an older one before that claim.
 

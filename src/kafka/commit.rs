@@ -300,6 +300,38 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_s_changes_wait_for_the_older_batch_s_markers() {
+        let mut p = Pipeline::new(3);
+        p.sent(1, 1);
+        p.close();
+        assert!(p.markers_sent_before(1), "nothing older: at once");
+        p.close();
+        assert!(!p.markers_sent_before(2), "batch 1's markers are not out");
+        assert_eq!(p.next_sealed_after(1), Some(2));
+        p.delivered(tag(1), true);
+        assert_eq!(p.next_action(), Some(Action::SendMarkers(1)));
+        assert!(p.markers_sent_before(2));
+        assert_eq!(p.next_sealed_after(2), None, "the open batch is not closed");
+    }
+
+    #[test]
+    fn reading_stops_at_max_batches_waiting_until_the_oldest_is_written() {
+        let mut p = Pipeline::new(2);
+        p.sent(1, 1);
+        p.close();
+        assert!(!p.is_full());
+        p.sent(2, 1);
+        p.close();
+        assert!(p.is_full());
+        p.delivered(tag(1), true);
+        assert_eq!(p.next_action(), Some(Action::SendMarkers(1)));
+        assert!(p.is_full(), "markers sent is not written");
+        assert_eq!(p.next_action(), Some(Action::Write(1)));
+        assert!(!p.is_full());
+        assert_eq!(p.open_unacked(), 0);
+    }
+
+    #[test]
     fn an_empty_batch_passes_straight_through() {
         let mut p = Pipeline::new(1);
         p.close();

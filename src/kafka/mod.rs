@@ -2,6 +2,11 @@
 //! topic creation, and the small `produce` / `tail` tools.
 //!
 //! - [`runtime`]: `waymark run`, the consumer-group service around the processor.
+//! - [`commit`]: the at_least_once commit pipeline, a pure state machine: when a closed batch's
+//!   changelog markers go out and when its state is written.
+//! - [`producer`]: the delivery context (outcomes by batch generation), the opaque, the send.
+//! - `restore`: every assigned partition restored from the changelog at once.
+//! - `failpoint`: test crash points (the `failpoints` feature only).
 //! - [`router`]: the route topic's records: kinds, where a forwarded input was first read.
 //! - [`changelog`]: the changelog's records and the pure restore state machine.
 
@@ -9,6 +14,7 @@ pub mod changelog;
 pub mod commit;
 mod failpoint;
 pub mod producer;
+mod restore;
 pub mod router;
 pub mod runtime;
 pub mod tools;

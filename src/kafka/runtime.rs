@@ -11,12 +11,16 @@
 //! 4. otherwise runs the [`Processor`] and produces the records (keyed by user) and any entries
 //!    for users owned elsewhere (to the route topic).
 //!
-//! Every `commit_interval_ms` (or `commit_max_records` inputs) the batch is made durable in this
-//! order (at_least_once): wait until the broker has acknowledged every output and changelog
-//! change, then send each partition's changelog marker, commit the offsets to the group, wait for
-//! the markers, and write each partition's state changes together with the input offsets they
-//! reach in one RocksDB batch. A crash at any point replays from the offsets of the last marker
-//! (or of the local store): outputs may repeat, with the same deterministic ids, and none is lost.
+//! Every `commit_interval_ms` (or `commit_max_records` inputs) the batch is closed (at_least_once):
+//! its state is sealed as a generation of each partition's `State`, its changelog changes go out,
+//! and the next batch is processed at once. The [`commit`] pipeline then says, batch by batch and
+//! oldest first, when the broker has acknowledged every output so that the markers may go out
+//! (with the group offset commit), and when the markers are acknowledged so that the state, with
+//! the input offsets it reaches, goes to RocksDB in one batch ([`Core::pump`]). At most
+//! `processing.max_batches_in_flight` closed batches wait; then input reading pauses. A crash at
+//! any point replays from the offsets of the last marker (or of the local store): outputs may
+//! repeat, with the same deterministic ids, and none is lost. exactly_once commits each batch in
+//! one transaction and writes its state after it ([`Core::commit_batch`]).
 //!
 //! Timers: while a partition works through a backlog they fire by event time, before the first
 //! event at or past their due time; once it is caught up (no lag), every `timer_tick_ms` it fires
@@ -43,6 +47,7 @@ use super::commit::{self, Action, Gen, Pipeline};
 use super::failpoint::{failpoint, Failpoint};
 pub use super::producer::Delivery;
 use super::producer::{Opaque, Out};
+use super::restore::{Restored, Restorer};
 use super::{changelog, owner_of, producer_config, router};
 use crate::config::{Config, Guarantee};
 use crate::engine::EntryIntent;
@@ -54,10 +59,6 @@ use crate::record::{Record, Stream};
 use crate::store::rocks::RocksStore;
 use crate::store::{State, Store, Table};
 use crate::time::Millis;
-
-fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
-    router::header(m.headers(), name)
-}
 
 /// The wall clock the runtime reads: system time shifted by `processing.clock_offset_ms`.
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +101,12 @@ struct Part {
     /// written locally and the partition is restored again (see [`Core::reopen`]).
     changelog_tail: i64,
     marks: VecDeque<(Gen, i64)>,
+    /// Keys the restore dropped records of, to write again (with their current value) in the
+    /// batch after the claim. Not in the claim itself: if another writer's records land between
+    /// the restore's end and the claim (a zombie still writing), the claim is found out of place
+    /// and the partition restored again; had the claim carried these values, read as of the
+    /// first restore, every later restore would apply them over the other writer's newer ones.
+    rewrite: Vec<(Table, Vec<u8>)>,
     /// `waymark_events_consumed_total` for each topic of this partition.
     consumed: HashMap<String, prometheus::IntCounter>,
     next: HashMap<String, i64>,
@@ -199,169 +206,108 @@ fn is_producer_fenced(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     )
 }
 
-/// How a changelog restore ended.
-enum Restored {
-    Done(changelog::Restore),
-    /// The local store is ahead of the changelog: it must be rebuilt from scratch.
-    Ahead {
-        local: i64,
-        end: i64,
-    },
-}
-
 impl Core {
     fn state_dir(&self, p: i32) -> PathBuf {
         self.cfg.state.dir.join(format!("partition-{p}"))
     }
 
-    /// Brings a partition's local store up to the changelog's end: each writer's batch is applied
-    /// when its marker is read (see [`changelog`]).
-    fn restore(&self, p: i32, store: &RocksStore) -> anyhow::Result<Restored> {
-        let (Some(consumer), topic) = (&self.restorer, &self.cfg.topics.changelog) else {
-            return Ok(Restored::Done(Default::default()));
+    /// The changelog reader, when the changelog is on.
+    fn restorer(&self) -> Option<Restorer<'_>> {
+        let delay = match self.failpoint {
+            Some(Failpoint::RestoreDelay(ms)) => Some(Duration::from_millis(ms)),
+            _ => None,
         };
-        let from = changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
-            .unwrap_or(0);
-        let epoch = changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
-            .unwrap_or(0) as u64;
-        let counter = self
-            .metrics
-            .restore_records
-            .with_label_values(&[&p.to_string()]);
-        let t0 = Instant::now();
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(30))
-            .with_context(|| format!("reading the end of changelog {topic}/{p}"))?;
-        tracing::debug!(
-            partition = p,
-            low,
-            high,
-            from,
-            ms = t0.elapsed().as_millis() as u64,
-            "restore: changelog watermarks"
-        );
-        if let Some(Failpoint::RestoreDelay(ms)) = self.failpoint {
-            warn!(
-                partition = p,
-                ms, "failpoint restore_delay: holding the restore"
-            );
-            std::thread::sleep(Duration::from_millis(ms));
-        }
-        if from > high {
-            return Ok(Restored::Ahead {
-                local: from,
-                end: high,
-            });
-        }
-        let start = from.max(low);
-        let mut replayer = changelog::Replayer::new(epoch);
-        if start >= high {
-            return Ok(Restored::Done(changelog::Restore {
-                end: high,
-                ..replayer.finish()
-            }));
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
-        consumer.assign(&tpl)?;
-        let mut batch = crate::store::Batch::default();
-        let mut last_progress = Instant::now();
-        let mut next = start;
-        let result = (|| -> anyhow::Result<()> {
-            while next < high {
-                match consumer.poll(Duration::from_millis(200)) {
-                    Some(Ok(m)) => {
-                        last_progress = Instant::now();
-                        next = m.offset() + 1;
-                        counter.inc();
-                        let group = header(&m, changelog::HEADER_GROUP);
-                        changelog::check_group(&self.cfg.kafka.group_id, group.as_deref())
-                            .map_err(|e| {
-                                anyhow!("changelog {topic}/{p} offset {}: {e}", m.offset())
-                            })?;
-                        let writer = header(&m, changelog::HEADER_WRITER).unwrap_or_default();
-                        let key = m.key().unwrap_or_default();
-                        let closed = match replayer.feed(m.offset(), &writer, key, m.payload()) {
-                            Ok(closed) => closed,
-                            Err(e) => {
-                                // Not ours to repair: skipped, counted, said.
-                                self.metrics.changelog_corrupt.inc();
-                                warn!(partition = p, offset = m.offset(), error = %e, "restore: skipping a changelog record that cannot be decoded");
-                                None
-                            }
-                        };
-                        if let Some(b) = closed {
-                            batch.ops.extend(b.ops);
-                            if batch.ops.len() >= 10_000 {
-                                store.write(&batch)?;
-                                batch.clear();
-                            }
-                        }
-                    }
-                    Some(Err(KafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => warn!(partition = p, error = %e, "restore: consumer error"),
-                    None => {}
-                }
-                if last_progress.elapsed() > Duration::from_secs(60) {
-                    bail!(
-                        "restoring partition {p}: no changelog record for 60 s at offset {next} of {high}"
+        self.restorer.as_ref().map(|consumer| Restorer {
+            consumer,
+            topic: &self.cfg.topics.changelog,
+            group: &self.cfg.kafka.group_id,
+            metrics: &self.metrics,
+            delay,
+        })
+    }
+
+    fn open_store(&self, p: i32) -> anyhow::Result<RocksStore> {
+        RocksStore::open(&self.state_dir(p), self.cfg.state.sync)
+            .with_context(|| format!("opening the state of partition {p}"))
+    }
+
+    /// Opens the stores of partitions `ps` and restores them from the changelog, all at once,
+    /// rebuilding a store from scratch when the local copy is ahead of the changelog (a
+    /// recreated topic).
+    fn open_partitions(
+        &self,
+        ps: &[i32],
+    ) -> anyhow::Result<Vec<(i32, RocksStore, changelog::Restore)>> {
+        let stores: Vec<(i32, RocksStore)> = ps
+            .iter()
+            .map(|&p| Ok((p, self.open_store(p)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let Some(restorer) = self.restorer() else {
+            return Ok(stores
+                .into_iter()
+                .map(|(p, s)| (p, s, changelog::Restore::default()))
+                .collect());
+        };
+        let refs: Vec<(i32, &RocksStore)> = stores.iter().map(|(p, s)| (*p, s)).collect();
+        let results = restorer.restore(&refs)?;
+        let mut opened = Vec::with_capacity(stores.len());
+        for ((p, store), result) in stores.into_iter().zip(results) {
+            match result {
+                Restored::Done(stats) => opened.push((p, store, stats)),
+                Restored::Ahead { local, end } => {
+                    error!(
+                        partition = p,
+                        local,
+                        changelog_end = end,
+                        "the local state has restored further than the changelog holds (was the changelog topic recreated?): rebuilding it from the changelog"
                     );
-                }
-            }
-            store.write(&batch)?;
-            tracing::debug!(
-                partition = p,
-                ms = t0.elapsed().as_millis() as u64,
-                "restore: read to the end"
-            );
-            Ok(())
-        })();
-        let _ = consumer.unassign();
-        result?;
-        Ok(Restored::Done(changelog::Restore {
-            end: high,
-            ..replayer.finish()
-        }))
-    }
-
-    /// Opens a partition's store and restores it from the changelog, rebuilding it from scratch
-    /// when the local copy is ahead of the changelog (a recreated topic) or unreadable.
-    fn open_partition(&self, p: i32) -> anyhow::Result<(RocksStore, changelog::Restore)> {
-        let dir = self.state_dir(p);
-        let store = RocksStore::open(&dir, self.cfg.state.sync)
-            .with_context(|| format!("opening the state of partition {p}"))?;
-        match self.restore(p, &store)? {
-            Restored::Done(stats) => Ok((store, stats)),
-            Restored::Ahead { local, end } => {
-                error!(
-                    partition = p,
-                    local,
-                    changelog_end = end,
-                    "the local state has restored further than the changelog holds (was the changelog topic recreated?): rebuilding it from the changelog"
-                );
-                drop(store);
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("removing {}", dir.display()))?;
-                let store = RocksStore::open(&dir, self.cfg.state.sync)
-                    .with_context(|| format!("opening the state of partition {p}"))?;
-                match self.restore(p, &store)? {
-                    Restored::Done(stats) => Ok((store, stats)),
-                    Restored::Ahead { .. } => unreachable!("an empty store is at offset 0"),
+                    drop(store);
+                    let dir = self.state_dir(p);
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
+                    let store = self.open_store(p)?;
+                    match restorer.restore(&[(p, &store)])?.pop() {
+                        Some(Restored::Done(stats)) => opened.push((p, store, stats)),
+                        _ => unreachable!("an empty store is at offset 0"),
+                    }
                 }
             }
         }
+        Ok(opened)
     }
 
-    /// Opens one partition's store, restores it from the changelog, and makes this member its
-    /// writer with the next epoch (the claim goes out with the next commit).
+    /// Opens one partition (see [`Core::open_parts`]).
     fn open_part(&mut self, p: i32) -> anyhow::Result<()> {
+        self.open_parts(&[p])
+    }
+
+    /// Opens partitions' stores, restores them from the changelog together, and makes this
+    /// member their writer with the next epoch (the claims go out with the next commit).
+    fn open_parts(&mut self, ps: &[i32]) -> anyhow::Result<()> {
+        if ps.is_empty() {
+            return Ok(());
+        }
         let started = Instant::now();
-        let (store, restored) = self.open_partition(p)?;
+        let opened = self.open_partitions(ps)?;
         let restore_ms = started.elapsed().as_millis() as u64;
-        self.metrics
-            .restore_seconds
-            .with_label_values(&[&p.to_string()])
-            .set(started.elapsed().as_secs_f64());
+        for (p, store, restored) in opened {
+            self.metrics
+                .restore_seconds
+                .with_label_values(&[&p.to_string()])
+                .set(started.elapsed().as_secs_f64());
+            self.install_part(p, store, restored, restore_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Makes a restored partition's store this member's: its processor, the claim to send.
+    fn install_part(
+        &mut self,
+        p: i32,
+        store: RocksStore,
+        restored: changelog::Restore,
+        restore_ms: u64,
+    ) -> anyhow::Result<()> {
         let changelog_next =
             changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
                 .unwrap_or(0);
@@ -380,14 +326,11 @@ impl Core {
         });
         proc.set_max_profile_bytes(self.cfg.processing.max_profile_bytes);
         // Keys whose newest changelog record was dropped (a dead writer's unfinished
-        // batch, a zombie's) get their restored value written again with the claim, so
-        // that compaction keeps a committed value for them.
-        let state = proc.state_mut();
-        for (table, key) in &restored.dropped {
-            let value = state.get(*table, key)?;
-            state.stage(*table, key.clone(), value);
-        }
-        let rewritten = restored.dropped.len();
+        // batch, a zombie's) get their value written again once the claim is acknowledged
+        // where it should be (see `Part::rewrite`), so that compaction keeps a committed value
+        // for them.
+        let rewrite: Vec<(Table, Vec<u8>)> = restored.dropped.iter().cloned().collect();
+        let rewritten = rewrite.len();
         let changelog_tail = restored.end;
         let restored = restored.stats;
         let mut active: HashMap<String, i64> = HashMap::new();
@@ -420,6 +363,7 @@ impl Core {
                 changelog_next,
                 changelog_tail,
                 marks: VecDeque::new(),
+                rewrite,
                 next: HashMap::new(),
                 consumed: HashMap::new(),
                 dirty_offsets: false,
@@ -445,10 +389,15 @@ impl Core {
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
         wanted.sort();
+        let mut new: Vec<i32> = wanted
+            .iter()
+            .map(|(_, p)| *p)
+            .filter(|p| !self.parts.contains_key(p))
+            .collect();
+        new.sort();
+        new.dedup();
+        self.open_parts(&new)?;
         for (topic, p) in &wanted {
-            if !self.parts.contains_key(p) {
-                self.open_part(*p)?;
-            }
             let part = self.parts.get_mut(p).expect("opened above");
             let stored = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?);
             // With no offset in the store, the partition's state is rebuilt from the start of the
@@ -1313,7 +1262,10 @@ impl Core {
     /// state goes to each partition's store with the input offsets and changelog position it
     /// reached, in one local batch per partition.
     fn write_batch(&mut self, consumer: &BaseConsumer<Ctx>, gen: Gen) -> anyhow::Result<()> {
-        self.closed.retain(|c| c.gen != gen);
+        let offsets = match self.closed.iter().position(|c| c.gen == gen) {
+            Some(i) => self.closed.remove(i).map(|c| c.offsets).unwrap_or_default(),
+            None => Vec::new(),
+        };
         self.commits += 1;
         self.retries_in_row = 0;
         if self.failpoint == Some(Failpoint::CrashAfterAcks(self.commits)) {
@@ -1323,7 +1275,21 @@ impl Core {
             );
             std::process::abort();
         }
-        self.write_parts(consumer, gen, Some(gen))
+        self.write_parts(consumer, gen, Some(gen))?;
+        self.note_committed(offsets.into_iter());
+        Ok(())
+    }
+
+    /// `waymark_committed_offset`: where each owned partition's durable progress stands.
+    fn note_committed(&self, offsets: impl Iterator<Item = (String, i32, i64)>) {
+        for (topic, p, next) in offsets {
+            if self.parts.contains_key(&p) {
+                self.metrics
+                    .committed_offset
+                    .with_label_values(&[&topic, &p.to_string()])
+                    .set(next);
+            }
+        }
     }
 
     /// Writes batch `gen` of every partition: `sealed` names the sealed generation to write
@@ -1340,6 +1306,9 @@ impl Core {
         let mut interleaved = Vec::new();
         for (p, part) in self.parts.iter_mut() {
             let mut meta: Vec<(&str, Vec<u8>)> = Vec::new();
+            // A marker of this writer was acknowledged where it should be (its first is the
+            // claim).
+            let mut checked = false;
             if part.marks.front().is_some_and(|m| m.0 == gen) {
                 let (_, sent) = part.marks.pop_front().expect("checked");
                 let Some(&offset) = markers.get(p) else {
@@ -1385,6 +1354,7 @@ impl Core {
                     );
                 }
                 part.changelog_next = next;
+                checked = true;
                 meta.push((changelog::META_NEXT, next.to_be_bytes().to_vec()));
                 meta.push((changelog::META_EPOCH, part.epoch.to_be_bytes().to_vec()));
             }
@@ -1398,6 +1368,15 @@ impl Core {
                         state.stage_meta(k, v);
                     }
                     part.proc.commit()?;
+                }
+            }
+            if checked && !part.rewrite.is_empty() {
+                // The claim sits where it should: the restore's view is the changelog's, and
+                // the dropped keys' values may be written again, with the next batch.
+                let state = part.proc.state_mut();
+                for (table, key) in std::mem::take(&mut part.rewrite) {
+                    let value = state.get(table, &key)?;
+                    state.stage(table, key, value);
                 }
             }
         }
@@ -1444,7 +1423,13 @@ impl Core {
             );
             std::process::abort();
         }
+        let offsets: Vec<(String, i32, i64)> = self
+            .parts
+            .iter()
+            .flat_map(|(p, part)| part.next.iter().map(move |(t, n)| (t.clone(), *p, *n)))
+            .collect();
         self.write_parts(consumer, gen, None)?;
+        self.note_committed(offsets.into_iter());
         // The transaction holds every record it counted: the next batch counts afresh.
         self.pipeline.get_mut().reset();
         self.batch_inputs = 0;
