@@ -22,12 +22,13 @@ export WAYMARK_TOPICS_ROUTE="bench-route-$suffix"
 export WAYMARK_TOPICS_CHANGELOG="bench-changelog-$suffix"
 port=9470
 rm -rf "$dir/setup-state"
-# Create the topics (waymark does so at start), then stop it before producing.
-"$bin" run --brokers "$brokers" --group-id "bench-setup-$suffix" --journeys-dir "$dir/journeys" \
+# Create the topics (waymark does so at start), then stop it before producing. Without the
+# changelog: its claims would carry this setup group's name, which the measured group refuses.
+WAYMARK_STATE_CHANGELOG=false "$bin" run --brokers "$brokers" --group-id "bench-setup-$suffix" --journeys-dir "$dir/journeys" \
   --state-dir "$dir/setup-state" --metrics-addr "127.0.0.1:$port" > "$dir/setup.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-kill -TERM $pid; wait $pid || true
+kill -TERM $pid 2>/dev/null || true; wait $pid || true
 echo "producing $count events to $topic..."
 t0=$(date +%s.%N)
 "$bin" produce --brokers "$brokers" --topic "$topic" "$dir/events.jsonl"

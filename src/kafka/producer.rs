@@ -97,12 +97,12 @@ pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
             | C::InvalidTopic
             | C::UnsupportedForMessageFormat
             | C::UnsupportedVersion
-            // Not acknowledged within message.timeout.ms (60 s): the process was cut off for longer
-            // than a group session (paused, partitioned), so it has most likely lost its
-            // partitions to another member. Redoing the batch here would make it a zombie: stop,
-            // and a restart rejoins the group.
-            | C::MessageTimedOut
     )
+    // Not among them: `MessageTimedOut` (not acknowledged within message.timeout.ms, 60 s). A
+    // broker that stalls that long under load (tansu does, with a 200k-event backlog) is not a
+    // reason to stop; the batches are dropped and redone after a backoff. If the member lost its
+    // partitions meanwhile, the group tells it at the next poll or commit, and a batch it still
+    // wrote to the changelog is a zombie's, found out of place by the marker check.
 }
 
 impl Delivery {
@@ -265,5 +265,6 @@ mod tests {
         assert!(is_permanent(RDKafkaErrorCode::MessageSizeTooLarge));
         assert!(!is_permanent(RDKafkaErrorCode::RequestTimedOut));
         assert!(!is_permanent(RDKafkaErrorCode::NotLeaderForPartition));
+        assert!(!is_permanent(RDKafkaErrorCode::MessageTimedOut));
     }
 }
