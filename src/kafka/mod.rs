@@ -1,7 +1,8 @@
 //! Kafka plumbing: client settings, user ownership (murmur2, as Kafka's default partitioner),
 //! topic creation, and the small `produce` / `tail` tools.
 //!
-//! - [`runtime`]: `waymark run`, the consumer-group service around the processor.
+//! - [`runtime`]: `waymark run`, the consumer-group service around the processor (a room a job:
+//!   the worker loop, partitions, inputs, batches, transactions).
 //! - [`commit`]: the at_least_once commit pipeline, a pure state machine: when a closed batch's
 //!   changelog markers go out and when its state is written.
 //! - [`producer`]: the delivery context (outcomes by batch generation), the opaque, the send.
