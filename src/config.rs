@@ -84,6 +84,7 @@ pub struct ProcessingConfig {
     pub transaction_interval_ms: u64,
     pub commit_max_records: usize,
     pub max_batches_in_flight: usize,
+    pub threads: usize,
     pub max_event_bytes: usize,
     pub max_future_ms: u64,
     pub max_targets: usize,
@@ -473,6 +474,12 @@ impl Config {
         }
         if self.processing.commit_interval_ms == 0 {
             e.push("processing.commit_interval_ms: must be at least 1".into());
+        }
+        if self.processing.threads > 64 {
+            e.push(format!(
+                "processing.threads: at most 64 (0: one per core), not {}",
+                self.processing.threads
+            ));
         }
         if !(1..=64).contains(&self.processing.max_batches_in_flight) {
             e.push(format!(

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub restore_seconds: GaugeVec,
     pub ready: IntGauge,
     pub ready_flag: AtomicBool,
+    /// Group members this instance runs (one per processing thread), and which are ready.
+    members: std::sync::atomic::AtomicUsize,
+    ready_members: std::sync::atomic::AtomicU64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -332,11 +335,40 @@ impl Metrics {
             commit_seconds: commit,
             ready,
             ready_flag: AtomicBool::new(false),
+            members: std::sync::atomic::AtomicUsize::new(1),
+            ready_members: std::sync::atomic::AtomicU64::new(0),
             registry: r,
         })
     }
 
+    /// An instance with one group member: ready or not.
     pub fn set_ready(&self, ready: bool) {
+        self.set_member_ready(0, ready);
+    }
+
+    /// The instance runs `n` group members (processing threads, at most 64); it is ready when
+    /// every one of them is.
+    pub fn set_members(&self, n: usize) {
+        self.members.store(n.clamp(1, 64), Ordering::SeqCst);
+        self.ready_members.store(0, Ordering::SeqCst);
+        self.update_ready();
+    }
+
+    /// Member `k` has its partitions assigned and restored (or not any more).
+    pub fn set_member_ready(&self, k: usize, ready: bool) {
+        let bit = 1u64 << k.min(63);
+        if ready {
+            self.ready_members.fetch_or(bit, Ordering::SeqCst);
+        } else {
+            self.ready_members.fetch_and(!bit, Ordering::SeqCst);
+        }
+        self.update_ready();
+    }
+
+    fn update_ready(&self) {
+        let n = self.members.load(Ordering::SeqCst);
+        let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let ready = self.ready_members.load(Ordering::SeqCst) & all == all;
         self.ready_flag.store(ready, Ordering::SeqCst);
         self.ready.set(ready as i64);
     }
@@ -352,6 +384,97 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+
+    /// Counts what one input (or timer tick) caused: the funnel, entries, steps, exits,
+    /// conversions, refusals, quiet hours, timers fired; `active` (sessions by journey, of the
+    /// partition) follows entries and exits.
+    pub fn count_output(
+        &self,
+        out: &crate::processor::Output,
+        active: &mut std::collections::HashMap<String, i64>,
+    ) {
+        use crate::record::Record;
+        for j in &out.triggered {
+            self.funnel_triggers.with_label_values(&[j.as_str()]).inc();
+        }
+        // The session whose action step without `next` was just left to nowhere: its exit
+        // record follows and is not counted as a second way out.
+        let mut left_to_nowhere: Option<&str> = None;
+        for r in &out.records {
+            let journey = r.journey_id();
+            match r {
+                Record::StepAdvance(m) | Record::JourneyExit(m) => {
+                    let exit = matches!(r, Record::JourneyExit(_));
+                    if !(exit && left_to_nowhere == Some(m.session_id.as_str())) {
+                        self.funnel_left
+                            .with_label_values(&[journey, &m.from, &m.reason])
+                            .inc();
+                    }
+                    if let Some(to) = &m.to {
+                        self.funnel_reached.with_label_values(&[journey, to]).inc();
+                    }
+                    left_to_nowhere = (!exit && m.to.is_none()).then_some(m.session_id.as_str());
+                }
+                Record::JourneyEntry(e) => {
+                    self.funnel_reached
+                        .with_label_values(&[journey, &e.step])
+                        .inc();
+                    left_to_nowhere = None;
+                }
+                Record::Conversion(_) => {}
+            }
+            match r {
+                Record::JourneyEntry(_) => {
+                    self.entries.with_label_values(&[journey]).inc();
+                    self.active_sessions.with_label_values(&[journey]).inc();
+                    *active.entry(journey.to_string()).or_default() += 1;
+                }
+                Record::StepAdvance(s) => {
+                    self.steps.with_label_values(&[journey, &s.reason]).inc();
+                    if let Some(why) = &s.suppressed {
+                        self.suppressed.with_label_values(&[journey, why]).inc();
+                    }
+                }
+                Record::JourneyExit(s) => {
+                    self.exits.with_label_values(&[journey, &s.reason]).inc();
+                    self.active_sessions.with_label_values(&[journey]).dec();
+                    *active.entry(journey.to_string()).or_default() -= 1;
+                }
+                Record::Conversion(c) => self
+                    .conversions
+                    .with_label_values(&[journey, &c.goal_id])
+                    .inc(),
+            }
+        }
+
+        for (journey, reason) in &out.refused {
+            self.refused
+                .with_label_values(&[journey, reason.as_str()])
+                .inc();
+        }
+        for journey in &out.matched {
+            self.matched.with_label_values(&[journey]).inc();
+        }
+        for journey in &out.held {
+            self.quiet_holds.with_label_values(&[journey]).inc();
+            self.quiet_held.with_label_values(&[journey]).inc();
+        }
+        for journey in &out.released {
+            self.quiet_releases.with_label_values(&[journey]).inc();
+            self.quiet_held.with_label_values(&[journey]).dec();
+        }
+        if !out.timers_fired.is_empty() {
+            self.timers_fired.inc_by(out.timers_fired.len() as u64);
+        }
+    }
+
+    /// How late timers fired by the wall clock at `now` were.
+    pub fn count_timer_lateness(&self, due: &[crate::time::Millis], now: crate::time::Millis) {
+        for d in due {
+            self.timer_lateness
+                .observe(((now - d).max(0)) as f64 / 1000.0);
+        }
     }
 }
 
@@ -391,4 +514,26 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_is_ready_when_every_member_is() {
+        let m = Metrics::new();
+        m.set_ready(true);
+        assert!(m.is_ready(), "one member by default");
+        m.set_members(2);
+        assert!(!m.is_ready());
+        m.set_member_ready(0, true);
+        assert!(!m.is_ready(), "one of two");
+        m.set_member_ready(1, true);
+        assert!(m.is_ready());
+        assert_eq!(m.ready.get(), 1);
+        m.set_member_ready(0, false);
+        assert!(!m.is_ready(), "a member rebalancing");
+        assert_eq!(m.ready.get(), 0);
+    }
 }

@@ -97,6 +97,44 @@ fn seed_scenario_through_kafka_equals_replay() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
 
+/// `processing.threads`: one thread and several give the same records for the same input, the
+/// replay's.
+#[test]
+fn one_and_several_processing_threads_give_the_same_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jdir = order_journey_dir(tmp.path());
+    let events = order_stream(200, 4);
+    let expected = replay_records(&jdir, &events, None);
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    for threads in ["1", "3"] {
+        let (_t, s) = setup(&format!("threads{threads}"), &jdir, 4);
+        let mut a = s.start_with("a", &[("WAYMARK_PROCESSING_THREADS", threads)]);
+        a.wait_ready(Duration::from_secs(60));
+        if threads != "1" {
+            assert!(
+                a.log_text().contains(&format!(
+                    "processing threads: one group member each threads={threads}"
+                )),
+                "{}",
+                a.log_text()
+            );
+        }
+        produce_events(&s.names.events, &events);
+        let got = outputs(&s, expected.len(), Duration::from_secs(90));
+        assert_no_loss(&expected, &got);
+        assert_eq!(
+            a.metric_sum("waymark_partitions_assigned", ""),
+            4.0,
+            "the threads' partitions add up"
+        );
+        assert!(a.stop().success());
+        let mut got = sorted(got);
+        got.dedup();
+        seen.push(got);
+    }
+    assert_eq!(seen[0], seen[1], "1 and 3 threads gave different records");
+}
+
 /// Users named in an attribute whose state lives on other partitions, and events produced with a
 /// key that does not match their user, are forwarded to the owner.
 #[test]
@@ -207,12 +245,23 @@ fn order_stream(users: u32, per_user: u32) -> Vec<Value> {
 
 #[test]
 fn two_instances_split_partitions_and_one_carries_on_when_the_other_stops() {
+    two_instances_split_partitions(&[("WAYMARK_PROCESSING_THREADS", "1")]);
+}
+
+/// The same with two processing threads in each instance (four group members): the partitions
+/// are split among the threads, and the survivor's threads take over the other's partitions.
+#[test]
+fn two_instances_of_two_threads_split_partitions_and_one_carries_on_when_the_other_stops() {
+    two_instances_split_partitions(&[("WAYMARK_PROCESSING_THREADS", "2")]);
+}
+
+fn two_instances_split_partitions(env: &[(&str, &str)]) {
     let tmp = tempfile::tempdir().unwrap();
     let jdir = order_journey_dir(tmp.path());
     let (_t2, s) = setup("pair", &jdir, 4);
-    let mut a = s.start("a");
+    let mut a = s.start_with("a", env);
     a.wait_ready(Duration::from_secs(60));
-    let mut b = s.start("b");
+    let mut b = s.start_with("b", env);
     b.wait_ready(Duration::from_secs(60));
     // Both own partitions once the group settles.
     let mut split = false;

@@ -102,6 +102,8 @@ pub(super) struct Ctx {
     high: Mutex<HashMap<(String, i32), i64>>,
     /// An asynchronous offset commit found this member replaced in the group.
     fenced: AtomicBool,
+    /// Which of the instance's members (processing threads) this is.
+    member: usize,
 }
 
 impl ClientContext for Ctx {
@@ -128,7 +130,7 @@ impl ConsumerContext for Ctx {
         let mut core = self.core.lock().expect("not poisoned");
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.metrics.set_ready(false);
+                self.metrics.set_member_ready(self.member, false);
                 info!(
                     partitions = tpl.count(),
                     "rebalance: assignment received; opening and restoring its partitions"
@@ -156,14 +158,14 @@ impl ConsumerContext for Ctx {
                                 .map(|e| format!("{}/{}", e.topic(), e.partition()))
                                 .collect();
                             info!(partitions = %ps.join(","), "rebalance: partitions assigned");
-                            self.metrics.set_ready(true);
+                            self.metrics.set_member_ready(self.member, true);
                         }
                     }
                     Err(e) => core.fatal = Some(e),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.metrics.set_ready(false);
+                self.metrics.set_member_ready(self.member, false);
                 let lost = consumer.assignment_lost();
                 match core.revoke_all(consumer, lost) {
                     Ok(()) => {
@@ -234,8 +236,87 @@ fn instance_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Runs the service until `shutdown` is set; returns after draining and committing.
+/// How many processing threads (group members) to run: `processing.threads`, or one per core
+/// (0), never more than the input partitions.
+pub fn threads(cfg: &Config, partitions: i32) -> usize {
+    let wanted = match cfg.processing.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    wanted.clamp(1, partitions.max(1) as usize)
+}
+
+/// Runs the service until `shutdown` is set; returns after draining and committing. With more
+/// than one processing thread, each is a member of the group of its own (its partitions, stores,
+/// producer and commit pipeline); the first to fail stops the others, and its error is returned.
 pub fn run(
+    cfg: Config,
+    journeys: Arc<JourneySet>,
+    metrics: Arc<Metrics>,
+    partitions: i32,
+    shutdown: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let n = threads(&cfg, partitions);
+    metrics.set_members(n);
+    if n == 1 {
+        return run_member(0, cfg, journeys, metrics, partitions, shutdown, reload);
+    }
+    info!(threads = n, "processing threads: one group member each");
+    let reloads: Vec<Arc<AtomicBool>> = (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|k| {
+                let (cfg, journeys, metrics) = (cfg.clone(), journeys.clone(), metrics.clone());
+                let (shutdown, reload) = (shutdown.clone(), reloads[k].clone());
+                std::thread::Builder::new()
+                    .name(format!("waymark-{k}"))
+                    .spawn_scoped(s, move || {
+                        let r = run_member(
+                            k,
+                            cfg,
+                            journeys,
+                            metrics,
+                            partitions,
+                            shutdown.clone(),
+                            reload,
+                        );
+                        if r.is_err() {
+                            shutdown.store(true, Ordering::SeqCst);
+                        }
+                        r
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .context("starting the processing threads")?;
+        // SIGHUP reaches every member.
+        while !handles
+            .iter()
+            .all(|h: &std::thread::ScopedJoinHandle<'_, _>| h.is_finished())
+        {
+            if reload.swap(false, Ordering::SeqCst) {
+                for r in &reloads {
+                    r.store(true, Ordering::SeqCst);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut first: anyhow::Result<()> = Ok(());
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("a processing thread panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+/// One group member: its consumer, producer, stores and loop.
+fn run_member(
+    member: usize,
     cfg: Config,
     journeys: Arc<JourneySet>,
     metrics: Arc<Metrics>,
@@ -251,6 +332,12 @@ pub fn run(
             format!("waymark-{}-{instance}", cfg.kafka.group_id)
         } else {
             cfg.kafka.transactional_id.clone()
+        };
+        // Each member's transactions are its own: member 0 keeps the configured name.
+        let id = if member == 0 {
+            id
+        } else {
+            format!("{id}-{member}")
         };
         pc.set("transactional.id", &id).set(
             "transaction.timeout.ms",
@@ -319,6 +406,7 @@ pub fn run(
         draining: false,
         reports: Vec::new(),
         changes_sent: 0,
+        reported: (0, 0),
     }));
     let session_timeout = cfg.kafka.session_timeout_ms.max(1000);
     let mut consumer = crate::kafka::base_config(&cfg.kafka.brokers);
@@ -343,6 +431,7 @@ pub fn run(
             metrics: metrics.clone(),
             high: Mutex::new(HashMap::new()),
             fenced: AtomicBool::new(false),
+            member,
         })
         .context("creating the consumer")?;
     let mut topics: Vec<&str> = cfg
@@ -453,7 +542,7 @@ pub fn run(
         core.revoke_all(&consumer, false)?;
         core.producer.flush(Duration::from_secs(30)).ok();
     }
-    metrics.set_ready(false);
+    metrics.set_member_ready(member, false);
     consumer.unsubscribe();
     drop(consumer);
     info!("stopped");

@@ -102,7 +102,13 @@ impl Core {
             }
         }
         let record_time = m.timestamp().to_millis();
-        if let Some(why) = self.poisoned.remove(&(topic.to_string(), p, offset)) {
+        // (Looked up only when something is poisoned: the key costs an allocation and a hash.)
+        let poisoned = if self.poisoned.is_empty() {
+            None
+        } else {
+            self.poisoned.remove(&(topic.to_string(), p, offset))
+        };
+        if let Some(why) = poisoned {
             // Its outputs cannot be published: it goes to the dead-letter topic unprocessed.
             self.dead_letter(m, &EventError::OutputTooLarge(why));
         } else {
@@ -126,7 +132,12 @@ impl Core {
             }
         }
         let part = self.parts.get_mut(&p).expect("checked above");
-        part.next.insert(topic.to_string(), offset + 1);
+        match part.next.get_mut(topic) {
+            Some(next) => *next = offset + 1,
+            None => {
+                part.next.insert(topic.to_string(), offset + 1);
+            }
+        }
         part.dirty_offsets = true;
         self.batch_inputs += 1;
     }
@@ -251,10 +262,13 @@ impl Core {
         Ok(())
     }
 
-    /// `waymark_profiles_stored`: the profiles of the partitions this member holds.
-    pub(super) fn set_profile_gauge(&self) {
-        let n = self.parts.values().map(|p| p.proc.state().profiles()).sum();
-        self.metrics.profiles_stored.set(n);
+    /// `waymark_profiles_stored`: the profiles of the partitions this member holds, added to
+    /// the other members'.
+    pub(super) fn set_profile_gauge(&mut self) {
+        let n: i64 = self.parts.values().map(|p| p.proc.state().profiles()).sum();
+        self.metrics
+            .profiles_stored
+            .add(n - std::mem::replace(&mut self.reported.1, n));
     }
 
     pub(super) fn process_raw(
@@ -431,81 +445,10 @@ impl Core {
     pub(super) fn publish(&mut self, p: i32, record_time: Option<Millis>, by_wall_clock: bool) {
         let mut out = std::mem::take(&mut self.out);
         let part = self.parts.get_mut(&p).expect("owned");
-        for j in &out.triggered {
+        self.metrics.count_output(&out, &mut part.active);
+        if by_wall_clock && !out.timers_fired.is_empty() {
             self.metrics
-                .funnel_triggers
-                .with_label_values(&[j.as_str()])
-                .inc();
-        }
-        // The session whose action step without `next` was just left to nowhere: its exit
-        // record follows and is not counted as a second way out.
-        let mut left_to_nowhere: Option<&str> = None;
-        for r in &out.records {
-            let journey = r.journey_id();
-            match r {
-                Record::StepAdvance(m) | Record::JourneyExit(m) => {
-                    let exit = matches!(r, Record::JourneyExit(_));
-                    if !(exit && left_to_nowhere == Some(m.session_id.as_str())) {
-                        self.metrics
-                            .funnel_left
-                            .with_label_values(&[journey, &m.from, &m.reason])
-                            .inc();
-                    }
-                    if let Some(to) = &m.to {
-                        self.metrics
-                            .funnel_reached
-                            .with_label_values(&[journey, to])
-                            .inc();
-                    }
-                    left_to_nowhere = (!exit && m.to.is_none()).then_some(m.session_id.as_str());
-                }
-                Record::JourneyEntry(e) => {
-                    self.metrics
-                        .funnel_reached
-                        .with_label_values(&[journey, &e.step])
-                        .inc();
-                    left_to_nowhere = None;
-                }
-                Record::Conversion(_) => {}
-            }
-            match r {
-                Record::JourneyEntry(_) => {
-                    self.metrics.entries.with_label_values(&[journey]).inc();
-                    self.metrics
-                        .active_sessions
-                        .with_label_values(&[journey])
-                        .inc();
-                    *part.active.entry(journey.to_string()).or_default() += 1;
-                }
-                Record::StepAdvance(s) => {
-                    self.metrics
-                        .steps
-                        .with_label_values(&[journey, &s.reason])
-                        .inc();
-                    if let Some(why) = &s.suppressed {
-                        self.metrics
-                            .suppressed
-                            .with_label_values(&[journey, why])
-                            .inc();
-                    }
-                }
-                Record::JourneyExit(s) => {
-                    self.metrics
-                        .exits
-                        .with_label_values(&[journey, &s.reason])
-                        .inc();
-                    self.metrics
-                        .active_sessions
-                        .with_label_values(&[journey])
-                        .dec();
-                    *part.active.entry(journey.to_string()).or_default() -= 1;
-                }
-                Record::Conversion(c) => self
-                    .metrics
-                    .conversions
-                    .with_label_values(&[journey, &c.goal_id])
-                    .inc(),
-            }
+                .count_timer_lateness(&out.timers_fired, self.clock.now_ms());
         }
         for r in out.records.drain(..) {
             let topic = match r.stream() {
@@ -537,42 +480,11 @@ impl Core {
             self.metrics.routed.inc();
         }
         for (journey, reason) in &out.refused {
-            self.metrics
-                .refused
-                .with_label_values(&[journey, reason.as_str()])
-                .inc();
             if matches!(
                 reason,
                 crate::engine::Refusal::TooManyTargets | crate::engine::Refusal::TooManySessions
             ) {
                 tracing::warn!(journey = %journey, reason = reason.as_str(), "entry refused at a limit (processing.max_targets / processing.max_sessions_per_user)");
-            }
-        }
-        for journey in &out.matched {
-            self.metrics.matched.with_label_values(&[journey]).inc();
-        }
-        for journey in &out.held {
-            self.metrics.quiet_holds.with_label_values(&[journey]).inc();
-            self.metrics.quiet_held.with_label_values(&[journey]).inc();
-        }
-        for journey in &out.released {
-            self.metrics
-                .quiet_releases
-                .with_label_values(&[journey])
-                .inc();
-            self.metrics.quiet_held.with_label_values(&[journey]).dec();
-        }
-        if !out.timers_fired.is_empty() {
-            self.metrics
-                .timers_fired
-                .inc_by(out.timers_fired.len() as u64);
-            if by_wall_clock {
-                let now = self.clock.now_ms();
-                for due in &out.timers_fired {
-                    self.metrics
-                        .timer_lateness
-                        .observe(((now - due).max(0)) as f64 / 1000.0);
-                }
             }
         }
         out.clear();

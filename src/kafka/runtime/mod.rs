@@ -55,7 +55,7 @@ use crate::event::{EventError, RawEvent};
 use crate::journey::JourneySet;
 use crate::metrics::Metrics;
 use crate::processor::{InputApplied, Output, Processor, ProfileApplied};
-use crate::record::{Record, Stream};
+use crate::record::Stream;
 use crate::store::rocks::RocksStore;
 use crate::store::{State, Store, Table};
 use crate::time::Millis;
@@ -175,6 +175,8 @@ struct Core {
     reports: Vec<(u64, bool)>,
     /// The newest batch whose changelog changes were sent.
     changes_sent: Gen,
+    /// What this member last added to the shared gauges: partitions held, profiles stored.
+    reported: (i64, i64),
 }
 
 /// A closed batch waiting for its acknowledgements.

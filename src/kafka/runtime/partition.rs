@@ -23,9 +23,33 @@ impl Core {
         })
     }
 
+    /// Opens partition `p`'s store. Another processing thread of this process may still hold it
+    /// for a moment (the group handed the partition over, and that thread has not served its
+    /// revocation yet): a store locked by this process is waited for, up to a minute.
     pub(super) fn open_store(&self, p: i32) -> anyhow::Result<RocksStore> {
-        RocksStore::open(&self.state_dir(p), self.cfg.state.sync)
-            .with_context(|| format!("opening the state of partition {p}"))
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            match RocksStore::open(&self.state_dir(p), self.cfg.state.sync) {
+                Ok(store) => return Ok(store),
+                Err(e)
+                    if e.to_string().contains("lock hold by current process")
+                        && started.elapsed() < Duration::from_secs(60) =>
+                {
+                    if !said {
+                        info!(
+                            partition = p,
+                            "another processing thread still holds this partition's store: waiting for it to let go"
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("opening the state of partition {p}"))
+                }
+            }
+        }
     }
 
     /// Opens the stores of partitions `ps` and restores them from the changelog, all at once,
@@ -204,9 +228,7 @@ impl Core {
             let offset = Offset::Offset(next);
             tpl.set_partition_offset(topic, *p, offset)?;
         }
-        self.metrics
-            .partitions_assigned
-            .set(self.parts.len() as i64);
+        self.report_assigned();
         Ok(())
     }
 
@@ -307,9 +329,7 @@ impl Core {
                 self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
             }
             part.proc.state().flush()?;
-            self.metrics
-                .partitions_assigned
-                .set(self.parts.len() as i64);
+            self.report_assigned();
             // Its records are no longer this member's to read.
             let mut tpl = TopicPartitionList::new();
             for topic in topics.keys() {
@@ -370,8 +390,17 @@ impl Core {
             part.proc.state().flush()?;
             info!(partition = p, "partition state closed");
         }
-        self.metrics.partitions_assigned.set(0);
+        self.report_assigned();
         self.set_profile_gauge();
         Ok(())
+    }
+
+    /// `waymark_partitions_assigned`: this member's share of the instance's partitions (every
+    /// processing thread is a member of its own and adds what it holds).
+    pub(super) fn report_assigned(&mut self) {
+        let n = self.parts.len() as i64;
+        self.metrics
+            .partitions_assigned
+            .add(n - std::mem::replace(&mut self.reported.0, n));
     }
 }
