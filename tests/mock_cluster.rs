@@ -479,7 +479,12 @@ fn a_commit_that_times_out_is_retried_not_aborted() {
 fn a_fenced_producer_stops_the_service_with_an_error() {
     let m = Mock::new();
     m.signups(0, 10);
-    let cfg = m.config(&[("WAYMARK_KAFKA_TRANSACTIONAL_ID", "waymark-eos-fixed")]);
+    // One processing thread: the injected error answers one transaction's commit, and with more
+    // threads another thread's transaction would commit its share of the batch.
+    let cfg = m.config(&[
+        ("WAYMARK_KAFKA_TRANSACTIONAL_ID", "waymark-eos-fixed"),
+        ("WAYMARK_PROCESSING_THREADS", "1"),
+    ]);
     let r = start(cfg);
     r.wait(Duration::from_secs(60), "the first ten committed", |r| {
         r.txns("committed") >= 1 && r.entries() >= 10

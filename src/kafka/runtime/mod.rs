@@ -1,8 +1,10 @@
 //! `waymark run`: the consumer-group service.
 //!
-//! One processing thread polls a consumer subscribed to the input topics and the route topic
-//! (range assignment, so partition `p` of every one of them lands on the same instance) and owns
-//! one RocksDB store per assigned partition number. For each record it:
+//! Each processing thread (`processing.threads`, one per core by default) is a member of the
+//! consumer group of its own: it polls a consumer subscribed to the input topics and the route
+//! topic (range assignment, so partition `p` of every one of them lands on the same member) and
+//! owns one RocksDB store per assigned partition number, its producer and its commit pipeline;
+//! threads share nothing but the metrics. For each record it:
 //!
 //! 1. skips it if the partition's store has already applied that offset (a redelivery);
 //! 2. dead-letters it if it is not a valid event;
