@@ -61,6 +61,11 @@ impl Restorer<'_> {
         let mut results: Vec<Option<Restored>> = Vec::with_capacity(stores.len());
         let mut reading: HashMap<i32, Reading<'_>> = HashMap::new();
         for &(p, store) in stores {
+            // Exported from the first restore on, at 0 when there is nothing to read.
+            let counter = self
+                .metrics
+                .restore_records
+                .with_label_values(&[&p.to_string()]);
             let from =
                 changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
                     .unwrap_or(0);
@@ -104,10 +109,7 @@ impl Restorer<'_> {
                     next: start,
                     high,
                     batch: Batch::default(),
-                    counter: self
-                        .metrics
-                        .restore_records
-                        .with_label_values(&[&p.to_string()]),
+                    counter,
                 },
             );
         }
