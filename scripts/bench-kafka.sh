@@ -6,29 +6,9 @@
 set -euo pipefail
 bin=${1:?usage: bench-kafka.sh WAYMARK_BINARY [BROKERS]}
 brokers=${2:-127.0.0.1:9092}
-count=${BENCH_EVENTS:-2000000}
-users=${BENCH_USERS:-1000000}
-dir=${BENCH_DIR:-$HOME/.cache/waymark-bench}/kafka-$count
-mkdir -p "$dir"
-suffix=$(date +%s)
-topic="bench-events-$suffix"
-if [ ! -s "$dir/events.jsonl" ]; then
-  "$bin" loadgen --journeys "$dir/journeys" --events "$dir/events.jsonl" --count "$count" --users "$users"
-fi
-export WAYMARK_KAFKA_INPUT_TOPICS="$topic" WAYMARK_KAFKA_PARTITIONS=8
-export WAYMARK_TOPICS_ENTRIES="bench-entries-$suffix" WAYMARK_TOPICS_STEPS="bench-steps-$suffix"
-export WAYMARK_TOPICS_CONVERSIONS="bench-conv-$suffix" WAYMARK_TOPICS_DLQ="bench-dlq-$suffix"
-export WAYMARK_TOPICS_ROUTE="bench-route-$suffix"
-export WAYMARK_TOPICS_CHANGELOG="bench-changelog-$suffix"
-port=9470
-rm -rf "$dir/setup-state"
-# Create the topics (waymark does so at start), then stop it before producing. Without the
-# changelog: its claims would carry this setup group's name, which the measured group refuses.
-WAYMARK_STATE_CHANGELOG=false "$bin" run --brokers "$brokers" --group-id "bench-setup-$suffix" --journeys-dir "$dir/journeys" \
-  --state-dir "$dir/setup-state" --metrics-addr "127.0.0.1:$port" > "$dir/setup.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-kill -TERM $pid 2>/dev/null || true; wait $pid || true
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+bench_setup bench 2000000 1000000 9470 kafka
 echo "producing $count events to $topic..."
 t0=$(date +%s.%N)
 "$bin" produce --brokers "$brokers" --topic "$topic" "$dir/events.jsonl"
