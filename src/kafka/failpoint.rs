@@ -1,7 +1,5 @@
 //! Test failpoints, read from `WAYMARK_FAILPOINT` when the runtime starts.
 
-use anyhow::bail;
-
 /// Test failpoints, from `WAYMARK_FAILPOINT`: the process aborts at the N-th batch commit. Only
 /// in builds with the `failpoints` feature, which `make` enables for the test suites; the release
 /// image (`deploy/Dockerfile`: `cargo build --release`) has none.
@@ -53,5 +51,5 @@ pub fn failpoint() -> anyhow::Result<Option<Failpoint>> {
     if let Some(ms) = parse("drain_delay:") {
         return Ok(Some(Failpoint::DrainDelay(ms)));
     }
-    bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N, crash_before_changelog:N, fail_outputs:N, restore_delay:MS and drain_delay:MS")
+    anyhow::bail!("WAYMARK_FAILPOINT={v:?}: failpoints are crash_after_acks:N, crash_before_changelog:N, fail_outputs:N, restore_delay:MS and drain_delay:MS")
 }

@@ -14,6 +14,7 @@
 pub mod changelog;
 pub mod commit;
 mod failpoint;
+pub mod lifecycle;
 pub mod producer;
 mod restore;
 pub mod router;

@@ -21,7 +21,7 @@ impl Core {
             || self
                 .parts
                 .values()
-                .any(|p| p.claim || p.proc.state().staged() > 0))
+                .any(|p| p.life.owes_claim() || p.proc.state().staged() > 0))
             && self.batch_started.elapsed() >= interval
     }
 
@@ -29,15 +29,12 @@ impl Core {
     pub(super) fn stage_offsets(&mut self) -> Vec<(String, i32, i64)> {
         let mut moved = Vec::new();
         for (p, part) in self.parts.iter_mut() {
-            if part.dirty_offsets {
-                for (topic, next) in &part.next {
-                    part.proc
-                        .state_mut()
-                        .stage_meta(&offset_key(topic), next.to_be_bytes().to_vec());
-                    moved.push((topic.clone(), *p, *next));
-                }
+            for (topic, next) in part.life.take_moved().unwrap_or_default() {
+                part.proc
+                    .state_mut()
+                    .stage_meta(&offset_key(&topic), next.to_be_bytes().to_vec());
+                moved.push((topic, *p, next));
             }
-            part.dirty_offsets = false;
         }
         moved
     }
@@ -48,7 +45,7 @@ impl Core {
             || self
                 .parts
                 .values()
-                .any(|p| p.dirty_offsets || p.claim || p.proc.state().staged() > 0)
+                .any(|p| p.life.has_work() || p.proc.state().staged() > 0)
     }
 
     /// at_least_once: closes the open batch (its state sealed as a generation in each
@@ -275,57 +272,39 @@ impl Core {
         let mut interleaved = Vec::new();
         for (p, part) in self.parts.iter_mut() {
             let mut meta: Vec<(&str, Vec<u8>)> = Vec::new();
-            // A marker of this writer was acknowledged where it should be (its first is the
-            // claim).
-            let mut checked = false;
-            if part.marks.front().is_some_and(|m| m.0 == gen) {
-                let (_, sent) = part.marks.pop_front().expect("checked");
-                let Some(&offset) = markers.get(p) else {
-                    bail!(
-                        "the changelog marker of partition {p} was acknowledged without an offset"
-                    );
-                };
-                // at_least_once: this writer's records since its last marker should sit right
-                // after it. Anything else in between is another writer's: this member may be a
-                // zombie whose partition has a newer owner, or a zombie wrote into this owner's
-                // batch. Either way the local store cannot take the batch as if it were the
-                // changelog's next records (a later restore would start past the other writer's
-                // records and never see them): the partition is restored again instead.
-                // (exactly_once: transaction markers take offsets too; there the producer fence
-                // keeps zombies out.)
-                let expected = part.changelog_tail + sent - 1;
-                if !self.eos && offset != expected {
+            // at_least_once: this writer's records since its last marker should sit right
+            // after it. Anything else in between is another writer's: this member may be a
+            // zombie whose partition has a newer owner, or a zombie wrote into this owner's
+            // batch. Either way the local store cannot take the batch as if it were the
+            // changelog's next records (a later restore would start past the other writer's
+            // records and never see them): the partition is restored again instead.
+            let mut rewrite = Vec::new();
+            match part
+                .life
+                .acknowledged(gen, markers.get(p).copied(), self.eos)?
+            {
+                Written::Unmarked => {}
+                Written::Interleaved { expected, found } => {
                     warn!(
                         partition = p,
-                        marker_offset = offset,
+                        marker_offset = found,
                         expected_offset = expected,
                         "another writer's records are between this batch's changelog records: restoring the partition again from the changelog"
                     );
                     self.metrics.changelog_interleaved.inc();
                     part.proc.discard()?;
-                    part.marks.clear();
-                    part.dirty_offsets = false;
                     interleaved.push(*p);
                     continue;
                 }
-                part.changelog_tail = offset + 1;
-                let next = offset + 1;
-                if next < part.changelog_next {
-                    error!(
-                        partition = p,
-                        next,
-                        reached = part.changelog_next,
-                        "changelog position would go backwards"
-                    );
-                    bail!(
-                        "changelog position of partition {p} would go backwards ({} -> {next})",
-                        part.changelog_next
-                    );
+                Written::InPlace {
+                    next,
+                    epoch,
+                    rewrite: keys,
+                } => {
+                    meta.push((changelog::META_NEXT, next.to_be_bytes().to_vec()));
+                    meta.push((changelog::META_EPOCH, epoch.to_be_bytes().to_vec()));
+                    rewrite = keys;
                 }
-                part.changelog_next = next;
-                checked = true;
-                meta.push((changelog::META_NEXT, next.to_be_bytes().to_vec()));
-                meta.push((changelog::META_EPOCH, part.epoch.to_be_bytes().to_vec()));
             }
             let state = part.proc.state_mut();
             match sealed {
@@ -339,11 +318,11 @@ impl Core {
                     part.proc.commit()?;
                 }
             }
-            if checked && !part.rewrite.is_empty() {
+            if !rewrite.is_empty() {
                 // The claim sits where it should: the restore's view is the changelog's, and
                 // the dropped keys' values may be written again, with the next batch.
                 let state = part.proc.state_mut();
-                for (table, key) in std::mem::take(&mut part.rewrite) {
+                for (table, key) in rewrite {
                     let value = state.get(table, &key)?;
                     state.stage(table, key, value);
                 }
@@ -385,12 +364,8 @@ impl Core {
         warn!(error = %e, retry = self.retries_in_row, backoff_ms = backoff.as_millis() as u64, "batch not delivered: dropping it, rewinding to the last committed offsets and retrying");
         // Records of the dropped batches may be in the changelog without their marker: a new
         // writer name leaves them unfinished for good (a restore drops them).
-        for (p, part) in self.parts.iter_mut() {
-            part.writer = format!(
-                "{}-p{p}-e{}-r{}",
-                self.incarnation, part.epoch, self.retries_total
-            );
-            part.claim = self.restorer.is_some();
+        for part in self.parts.values_mut() {
+            part.life.retried(&self.incarnation, self.retries_total);
         }
         self.retries_total += 1;
         // Whether any of their records landed is unknown: counted as none (the marks are
@@ -405,7 +380,7 @@ impl Core {
         OwnedHeaders::new()
             .insert(Header {
                 key: changelog::HEADER_WRITER,
-                value: Some(&part.writer),
+                value: Some(part.life.writer()),
             })
             .insert(Header {
                 key: changelog::HEADER_GROUP,
@@ -451,7 +426,7 @@ impl Core {
         if n > 0 {
             self.metrics.changelog_records.inc_by(n as u64);
             let part = self.parts.get_mut(&p).expect("checked above");
-            part.marks.push_back((gen, n));
+            part.life.changes_sent(gen, n);
         }
     }
 
@@ -470,15 +445,15 @@ impl Core {
             },
             None => state.staged(),
         };
-        if self.restorer.is_none() || !(part.claim || ops > 0) {
+        if !part.life.owes_marker(ops) {
             return;
         }
         self.send_raw(
             Out {
                 topic: &self.cfg.topics.changelog,
                 partition: Some(p),
-                key: &changelog::marker_key(&part.writer),
-                value: Some(&changelog::marker_value(part.epoch)),
+                key: &changelog::marker_key(part.life.writer()),
+                value: Some(&changelog::marker_value(part.life.epoch())),
                 headers: Some(self.writer_header(part)),
                 opaque: Opaque::marker(gen, p),
             },
@@ -486,11 +461,7 @@ impl Core {
         );
         self.metrics.changelog_records.inc();
         let part = self.parts.get_mut(&p).expect("checked above");
-        match part.marks.back_mut() {
-            Some((g, n)) if *g == gen => *n += 1,
-            _ => part.marks.push_back((gen, 1)),
-        }
-        part.claim = false;
+        part.life.marker_sent(gen);
     }
 
     /// at_least_once: sends sealed batch `gen`'s changes to the changelog of every partition, if

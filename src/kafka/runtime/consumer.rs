@@ -64,7 +64,7 @@ impl Core {
                 .cloned()
                 .collect();
             for topic in &topics {
-                let next = self.parts[&p].next.get(topic).copied();
+                let next = self.parts[&p].life.next(topic);
                 match high.get(&(topic.clone(), p)).copied() {
                     Some(high) if high >= 0 => {
                         let lag = (high - next.unwrap_or(high)).max(0);

@@ -7,8 +7,8 @@ impl Core {
     pub(super) fn offsets(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for (p, part) in &self.parts {
-            for (topic, next) in &part.next {
-                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*next));
+            for (topic, next) in part.life.offsets() {
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next));
             }
         }
         tpl
@@ -80,7 +80,7 @@ impl Core {
             );
             return;
         };
-        if part.next.get(topic).is_some_and(|&next| offset < next) {
+        if part.life.is_applied(topic, offset) {
             return; // already applied
         }
         match self
@@ -132,13 +132,7 @@ impl Core {
             }
         }
         let part = self.parts.get_mut(&p).expect("checked above");
-        match part.next.get_mut(topic) {
-            Some(next) => *next = offset + 1,
-            None => {
-                part.next.insert(topic.to_string(), offset + 1);
-            }
-        }
-        part.dirty_offsets = true;
+        part.life.applied(topic, offset);
         self.batch_inputs += 1;
     }
 

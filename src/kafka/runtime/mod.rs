@@ -47,6 +47,7 @@ use tracing::{error, info, warn};
 
 use super::commit::{self, Action, Gen, Pipeline};
 use super::failpoint::{failpoint, Failpoint};
+use super::lifecycle::{self, Lifecycle, Reclaim, Written};
 pub use super::producer::Delivery;
 use super::producer::{Opaque, Out};
 use super::restore::{Restored, Restorer};
@@ -95,33 +96,13 @@ impl Clock {
     }
 }
 
-/// One owned partition number: its store, and the next offset to apply per topic.
+/// One owned partition number: its store, and its life as this member's (writer epoch and
+/// name, claim, markers in flight, input offsets: see [`Lifecycle`]).
 struct Part {
     proc: Processor<RocksStore>,
-    /// This owner's epoch (one above the highest restored) and its name in the changelog.
-    epoch: u64,
-    writer: String,
-    /// A marker is owed even with nothing staged: the claim that fences older owners.
-    claim: bool,
-    /// The changelog offset the local store has reached (never goes backwards).
-    changelog_next: i64,
-    /// Where this writer's next changelog record lands if nobody else writes the partition (the
-    /// restore's end, then one past each acknowledged marker), and how many records each batch
-    /// whose marker is in flight sent (oldest first). A marker acknowledged anywhere else means
-    /// another writer's records are in between (a zombie's, or a newer owner's): the batch is not
-    /// written locally and the partition is restored again (see [`Core::reopen`]).
-    changelog_tail: i64,
-    marks: VecDeque<(Gen, i64)>,
-    /// Keys the restore dropped records of, to write again (with their current value) in the
-    /// batch after the claim. Not in the claim itself: if another writer's records land between
-    /// the restore's end and the claim (a zombie still writing), the claim is found out of place
-    /// and the partition restored again; had the claim carried these values, read as of the
-    /// first restore, every later restore would apply them over the other writer's newer ones.
-    rewrite: Vec<(Table, Vec<u8>)>,
+    life: Lifecycle,
     /// `waymark_events_consumed_total` for each topic of this partition.
     consumed: HashMap<String, prometheus::IntCounter>,
-    next: HashMap<String, i64>,
-    dirty_offsets: bool,
     active: HashMap<String, i64>,
 }
 

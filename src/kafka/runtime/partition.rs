@@ -129,12 +129,11 @@ impl Core {
         restored: changelog::Restore,
         restore_ms: u64,
     ) -> anyhow::Result<()> {
-        let changelog_next =
-            changelog::meta_i64(store.get(Table::Meta, changelog::META_NEXT.as_bytes())?)
-                .unwrap_or(0);
-        let epoch = changelog::meta_i64(store.get(Table::Meta, changelog::META_EPOCH.as_bytes())?)
-            .unwrap_or(0) as u64
-            + 1;
+        let stored = |key: &str| -> anyhow::Result<i64> {
+            Ok(changelog::meta_i64(store.get(Table::Meta, key.as_bytes())?).unwrap_or(0))
+        };
+        let changelog_next = stored(changelog::META_NEXT)?;
+        let epoch = stored(changelog::META_EPOCH)? as u64;
         let mut state = State::new(store)?;
         state.set_cache_limits(
             self.cfg.state.cache_max_users,
@@ -148,11 +147,21 @@ impl Core {
         proc.set_max_profile_bytes(self.cfg.processing.max_profile_bytes);
         // Keys whose newest changelog record was dropped (a dead writer's unfinished
         // batch, a zombie's) get their value written again once the claim is acknowledged
-        // where it should be (see `Part::rewrite`), so that compaction keeps a committed value
-        // for them.
-        let rewrite: Vec<(Table, Vec<u8>)> = restored.dropped.iter().cloned().collect();
-        let rewritten = rewrite.len();
-        let changelog_tail = restored.end;
+        // where it should be (see `Written::InPlace`), so that compaction keeps a committed
+        // value for them.
+        let rewritten = restored.dropped.len();
+        let life = Lifecycle::open(
+            p,
+            &self.incarnation,
+            self.restorer.is_some(),
+            lifecycle::Restored {
+                epoch,
+                changelog_next,
+                changelog_end: restored.end,
+                dropped: restored.dropped.into_iter().collect(),
+            },
+        );
+        let epoch = life.epoch();
         let restored = restored.stats;
         let mut active: HashMap<String, i64> = HashMap::new();
         proc.state().all_sessions(&mut |_, s| {
@@ -178,16 +187,8 @@ impl Core {
             p,
             Part {
                 proc,
-                epoch,
-                writer: format!("{}-p{p}-e{epoch}", self.incarnation),
-                claim: self.restorer.is_some(),
-                changelog_next,
-                changelog_tail,
-                marks: VecDeque::new(),
-                rewrite,
-                next: HashMap::new(),
+                life,
                 consumed: HashMap::new(),
-                dirty_offsets: false,
                 active,
             },
         );
@@ -223,9 +224,7 @@ impl Core {
             let stored = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?);
             // With no offset in the store, the partition's state is rebuilt from the start of the
             // input (the group's committed offset is only progress, never ahead of the store).
-            let next = stored.unwrap_or(0);
-            part.next.insert(topic.clone(), next);
-            let offset = Offset::Offset(next);
+            let offset = Offset::Offset(part.life.start(topic, stored));
             tpl.set_partition_offset(topic, *p, offset)?;
         }
         self.report_assigned();
@@ -283,12 +282,8 @@ impl Core {
         self.closed.clear();
         for part in self.parts.values_mut() {
             part.proc.discard()?;
-            part.marks.clear();
-            part.dirty_offsets = false;
-            for (topic, next) in part.next.iter_mut() {
-                *next = changelog::meta_i64(part.proc.state().get_meta(&offset_key(topic))?)
-                    .unwrap_or(0);
-            }
+            let stored = stored_offsets(&part.proc, part.life.offsets())?;
+            part.life.dropped(|t| stored.get(t).copied().flatten());
         }
         self.batch_inputs = 0;
         self.batch_started = Instant::now();
@@ -297,7 +292,7 @@ impl Core {
     }
 
     /// Restores a partition again from the changelog, after another writer's records were found
-    /// between this writer's (see `changelog_tail`). The restore applies what any later restore
+    /// between this writer's (see [`Written::Interleaved`]). The restore applies what any later restore
     /// would: this member's batch if its epoch is still the highest, a zombie's never. If a newer
     /// owner has claimed the partition (an epoch above this writer's), this member is the zombie:
     /// it gives the partition up (the group takes it away at the next rebalance) and counts
@@ -310,47 +305,48 @@ impl Core {
         for (j, n) in &old.active {
             self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
         }
-        let old_epoch = old.epoch;
-        let topics = old.next.clone();
-        old.proc.state().flush()?;
-        drop(old);
+        // The store is closed before it is opened and restored again.
+        let Part {
+            proc, life: old, ..
+        } = old;
+        proc.state().flush()?;
+        drop(proc);
         self.open_part(p)?;
         let part = self.parts.get_mut(&p).expect("opened above");
-        if part.epoch - 1 > old_epoch {
-            warn!(
-                partition = p,
-                epoch = old_epoch,
-                newer_epoch = part.epoch - 1,
-                "a newer owner has claimed this partition: giving it up"
-            );
-            self.metrics.fenced.inc();
-            let part = self.parts.remove(&p).expect("opened above");
-            for (j, n) in &part.active {
-                self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
+        let stored = stored_offsets(&part.proc, old.offsets())?;
+        match old.reclaim(&mut part.life, |t| stored.get(t).copied().flatten()) {
+            Reclaim::GiveUp { newer_epoch } => {
+                warn!(
+                    partition = p,
+                    epoch = old.epoch(),
+                    newer_epoch,
+                    "a newer owner has claimed this partition: giving it up"
+                );
+                self.metrics.fenced.inc();
+                let part = self.parts.remove(&p).expect("opened above");
+                for (j, n) in &part.active {
+                    self.metrics.active_sessions.with_label_values(&[j]).sub(*n);
+                }
+                part.proc.state().flush()?;
+                self.report_assigned();
+                // Its records are no longer this member's to read.
+                let mut tpl = TopicPartitionList::new();
+                for (topic, _) in old.offsets() {
+                    tpl.add_partition(topic, p);
+                }
+                if let Err(e) = consumer.pause(&tpl) {
+                    warn!(partition = p, error = %e, "pausing a partition given up");
+                }
             }
-            part.proc.state().flush()?;
-            self.report_assigned();
-            // Its records are no longer this member's to read.
-            let mut tpl = TopicPartitionList::new();
-            for topic in topics.keys() {
-                tpl.add_partition(topic, p);
-            }
-            if let Err(e) = consumer.pause(&tpl) {
-                warn!(partition = p, error = %e, "pausing a partition given up");
-            }
-            return Ok(());
-        }
-        for (topic, consumed_to) in topics {
-            let next =
-                changelog::meta_i64(part.proc.state().get_meta(&offset_key(&topic))?).unwrap_or(0);
-            part.next.insert(topic.clone(), next);
             // Inputs up to the restored offsets are in the restored state (later ones the
             // consumer meets are skipped as applied); a restore behind what was consumed has the
             // consumer read the rest again.
-            if next < consumed_to {
-                consumer
-                    .seek(&topic, p, Offset::Offset(next), Duration::from_secs(10))
-                    .map_err(|e| anyhow!("rewinding {topic}/{p} to {next}: {e}"))?;
+            Reclaim::Claim { seeks } => {
+                for (topic, next) in seeks {
+                    consumer
+                        .seek(&topic, p, Offset::Offset(next), Duration::from_secs(10))
+                        .map_err(|e| anyhow!("rewinding {topic}/{p} to {next}: {e}"))?;
+                }
             }
         }
         Ok(())
@@ -361,9 +357,9 @@ impl Core {
     pub(super) fn rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
         self.drop_batch()?;
         for (p, part) in self.parts.iter_mut() {
-            for (topic, next) in &part.next {
+            for (topic, next) in part.life.offsets() {
                 consumer
-                    .seek(topic, *p, Offset::Offset(*next), Duration::from_secs(10))
+                    .seek(topic, *p, Offset::Offset(next), Duration::from_secs(10))
                     .map_err(|e| anyhow!("rewinding {topic}/{p} to {next}: {e}"))?;
             }
             // Entries and exits of the dropped batch were counted: count again.
@@ -403,4 +399,17 @@ impl Core {
             .partitions_assigned
             .add(n - std::mem::replace(&mut self.reported.0, n));
     }
+}
+
+/// The input offsets a partition's store holds, for each of `topics`.
+fn stored_offsets<'a>(
+    proc: &Processor<RocksStore>,
+    topics: impl Iterator<Item = (&'a str, i64)>,
+) -> anyhow::Result<HashMap<String, Option<i64>>> {
+    topics
+        .map(|(topic, _)| {
+            let at = changelog::meta_i64(proc.state().get_meta(&offset_key(topic))?);
+            Ok((topic.to_string(), at))
+        })
+        .collect()
 }

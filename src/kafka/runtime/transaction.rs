@@ -38,7 +38,11 @@ impl Core {
         let offsets: Vec<(String, i32, i64)> = self
             .parts
             .iter()
-            .flat_map(|(p, part)| part.next.iter().map(move |(t, n)| (t.clone(), *p, *n)))
+            .flat_map(|(p, part)| {
+                part.life
+                    .offsets()
+                    .map(move |(t, n)| (t.to_string(), *p, n))
+            })
             .collect();
         self.write_parts(consumer, gen, None)?;
         self.note_committed(offsets.into_iter());
