@@ -5,6 +5,9 @@
 //!   the worker loop, partitions, inputs, batches, transactions).
 //! - [`commit`]: the at_least_once commit pipeline, a pure state machine: when a closed batch's
 //!   changelog markers go out and when its state is written.
+//! - [`lifecycle`]: one partition's life on this member, a pure state machine: its writer epoch
+//!   and name, the claim, markers in flight and whether each landed in place, input offsets,
+//!   giving a partition up or claiming it again after a restore.
 //! - [`producer`]: the delivery context (outcomes by batch generation), the opaque, the send.
 //! - `restore`: every assigned partition restored from the changelog at once.
 //! - `failpoint`: test crash points (the `failpoints` feature only).
