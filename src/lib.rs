@@ -24,8 +24,9 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`logging`]: tracing setup (text or JSON, level from `WAYMARK_LOG`).
 //! - [`service`]: wiring for `waymark run`: config, journeys, topics, signals, metrics server.
-//! - [`kafka`]: the Kafka runtime (`waymark run`), its commit pipeline, partition lifecycle and producer,
-//!   restore, ownership by murmur2, the route topic's records, the changelog, topics, produce/tail.
+//! - [`kafka`]: the Kafka runtime (`waymark run`), its commit pipeline, partition lifecycle and
+//!   producer, restore, ownership by murmur2, the route topic's records, the changelog, topics,
+//!   produce/tail.
 
 #![forbid(unsafe_code)]
 
