@@ -24,6 +24,8 @@ echo "consume-only: $consume_rate events/s"
 
 echo "waymark run from offset 0..."
 rm -rf "$dir/state"
+bpid=$(broker_pid)
+broker_cpu0=$(cpu_seconds "$bpid")
 t0=$(date +%s.%N)
 /usr/bin/time -v "$bin" run --brokers "$brokers" --group-id "bench-$suffix" --journeys-dir "$dir/journeys" \
   --state-dir "$dir/state" --metrics-addr "127.0.0.1:$port" > "$dir/run.log" 2> "$dir/time.txt" &
@@ -37,6 +39,9 @@ done
 t1=$(date +%s.%N)
 run_rate=$(echo "$count / ($t1 - $t0)" | bc)
 echo "waymark run: $run_rate events/s ($(echo "scale=1; 100 * $run_rate / $consume_rate" | bc)% of consume-only)"
+# Who used the machine's cores meanwhile: waymark (the child of /usr/bin/time) and the broker.
+wpid=$(pgrep -P $pid | head -1)
+echo "CPU during the run ($(echo "scale=2; ($t1 - $t0) / 1" | bc) s wall, $(nproc) cores): waymark $(cpu_seconds "$wpid") s, broker $(echo "$(cpu_seconds "$bpid") - $broker_cpu0" | bc) s"
 
 # Latency at half that rate: the same instance, caught up, gets more events at run_rate / 2;
 # waymark_processing_latency_seconds (record timestamp to outputs acknowledged) is read before and
@@ -47,6 +52,9 @@ extra=$(( half * 10 ))
 snapshot() { curl -s "127.0.0.1:$port/metrics" | awk '/^waymark_processing_latency_seconds_bucket/ {match($0, /le="[^"]+"/); le=substr($0, RSTART+4, RLENGTH-5); print le, $2}'; }
 snapshot > "$dir/lat-before.txt"
 echo "latency phase: $extra events at $half events/s..."
+# The clients' own round trips meanwhile (waymark_client_latency_seconds, sampled each second).
+( while true; do curl -s "127.0.0.1:$port/metrics" | grep '^waymark_client_latency_seconds'; sleep 1; done ) > "$dir/client-latency.txt" 2>/dev/null &
+sampler=$!
 "$bin" produce --brokers "$brokers" --topic "$topic" --rate "$half" --limit "$extra" "$dir/events.jsonl"
 target=$(( count + extra ))
 while [ "$consumed" -lt "$target" ]; do
@@ -54,6 +62,7 @@ while [ "$consumed" -lt "$target" ]; do
   consumed=$(curl -s "127.0.0.1:$port/metrics" | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
 done
 sleep 1
+kill $sampler 2>/dev/null || true
 snapshot > "$dir/lat-after.txt"
 join "$dir/lat-before.txt" "$dir/lat-after.txt" | awk '
   { le[NR] = $1; c[NR] = $3 - $2; n = NR }
@@ -72,6 +81,12 @@ join "$dir/lat-before.txt" "$dir/lat-after.txt" | awk '
       }
     }
   }'
+# The median over the phase of each client percentile (seconds -> ms).
+sed 's/^waymark_client_latency_seconds//' "$dir/client-latency.txt" | sort -k1,1 -k2,2g | awk '
+  function out() { printf "client latency %s: median %.1f ms over %d samples\n", prev, a[int((n + 1) / 2)] * 1000, n }
+  $1 != prev { if (prev != "") out(); prev = $1; n = 0 }
+  { a[++n] = $2 }
+  END { if (prev != "") out() }'
 # SIGTERM to waymark itself (the child of /usr/bin/time), so time reports its peak RSS.
 pkill -TERM -P $pid || true
 wait $pid || true

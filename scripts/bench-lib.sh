@@ -31,3 +31,17 @@ bench_setup() {
   kill -TERM $pid 2>/dev/null || true
   wait $pid || true
 }
+
+# CPU seconds (user + system) a process has used so far; 0 if it is gone or unknown.
+cpu_seconds() {
+  local pid=$1
+  [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || { echo 0; return; }
+  # Fields 14 and 15 after the command name (which may hold spaces, so cut at its ')').
+  sed 's/.*) //' "/proc/$pid/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($12 + $13) / hz}'
+}
+
+# The pid of the broker listening on $brokers' port, if it runs on this machine.
+broker_pid() {
+  local port=${brokers##*:}
+  ss -ltnpH "sport = :$port" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1
+}

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     /// The next input offset whose effects are durable (outputs acknowledged, state written).
     pub committed_offset: IntGaugeVec,
+    /// Round trip to the brokers and time in the producer's queue, from the clients' statistics.
+    pub client_latency: GaugeVec,
     pub active_sessions: IntGaugeVec,
     pub rebalances: IntCounter,
     pub batch_retries: IntCounter,
@@ -101,6 +103,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(committed_offset.clone()))
+            .expect("unique metric");
+        let client_latency = GaugeVec::new(
+            Opts::new(
+                "waymark_client_latency_seconds",
+                "Percentiles over the clients' last statistics window (1 s), the slowest broker's: request round trip (rtt) of the producer and the consumer, and time records wait in the producer's queue before they are sent (queue)",
+            ),
+            &["client", "measure", "quantile"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(client_latency.clone()))
             .expect("unique metric");
         let quiet_held = IntGaugeVec::new(
             Opts::new(
@@ -330,6 +342,7 @@ impl Metrics {
             ),
             lag,
             committed_offset,
+            client_latency,
             active_sessions: active,
             partitions_assigned: partitions,
             commit_seconds: commit,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::statistics::{Statistics, Window};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
@@ -69,6 +70,8 @@ pub struct Delivery {
     /// happened since the last check.
     pub(super) permanent: AtomicBool,
     pub(super) latency: Option<prometheus::Histogram>,
+    /// `waymark_client_latency_seconds`, set from the producer's statistics.
+    pub(super) client_latency: Option<prometheus::GaugeVec>,
     /// Offset of each acknowledged changelog marker, by (generation tag, partition).
     pub(super) markers: Mutex<HashMap<(u64, i32), i64>>,
     /// Whether to keep each record's outcome in `reports`.
@@ -107,9 +110,13 @@ pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
 
 impl Delivery {
     /// A context for the runtime: outcomes tracked by generation, latency observed.
-    pub fn tracking(latency: prometheus::Histogram) -> Delivery {
+    pub fn tracking(
+        latency: prometheus::Histogram,
+        client_latency: prometheus::GaugeVec,
+    ) -> Delivery {
         Delivery {
             latency: Some(latency),
+            client_latency: Some(client_latency),
             track: true,
             ..Delivery::default()
         }
@@ -161,7 +168,55 @@ impl Delivery {
     }
 }
 
-impl ClientContext for Delivery {}
+impl ClientContext for Delivery {
+    fn stats(&self, stats: Statistics) {
+        if let Some(g) = &self.client_latency {
+            report_client_latency(g, "producer", &stats);
+        }
+    }
+}
+
+/// Sets `waymark_client_latency_seconds` from a client's statistics: for each percentile, the
+/// slowest broker's request round trip over the last window and, for a producer, the time its
+/// records waited in the queue before they were sent. Brokers with no request in the window are
+/// left out; a window with none anywhere leaves the gauges as they were.
+pub fn report_client_latency(gauges: &prometheus::GaugeVec, client: &str, stats: &Statistics) {
+    let brokers = || stats.brokers.values();
+    set_worst(
+        gauges,
+        client,
+        "rtt",
+        brokers().filter_map(|b| b.rtt.as_ref()),
+    );
+    if client == "producer" {
+        set_worst(
+            gauges,
+            client,
+            "queue",
+            brokers().filter_map(|b| b.int_latency.as_ref()),
+        );
+    }
+}
+
+/// Sets p50 and p99 of `measure` to the highest of `windows` that saw any value.
+fn set_worst<'a>(
+    gauges: &prometheus::GaugeVec,
+    client: &str,
+    measure: &str,
+    windows: impl Iterator<Item = &'a Window>,
+) {
+    let seen: Vec<&Window> = windows.filter(|w| w.cnt > 0).collect();
+    if seen.is_empty() {
+        return;
+    }
+    let p50 = seen.iter().map(|w| w.p50).max().unwrap_or(0);
+    let p99 = seen.iter().map(|w| w.p99).max().unwrap_or(0);
+    for (q, v) in [("0.5", p50), ("0.99", p99)] {
+        gauges
+            .with_label_values(&[client, measure, q])
+            .set(v as f64 / 1e6);
+    }
+}
 
 impl ProducerContext for Delivery {
     type DeliveryOpaque = usize;
@@ -239,6 +294,7 @@ pub fn send(producer: &BaseProducer<Delivery>, out: Out<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::statistics::Broker;
 
     #[test]
     fn the_opaque_carries_generation_time_and_marker_partition_apart() {
@@ -266,5 +322,53 @@ mod tests {
         assert!(!is_permanent(RDKafkaErrorCode::RequestTimedOut));
         assert!(!is_permanent(RDKafkaErrorCode::NotLeaderForPartition));
         assert!(!is_permanent(RDKafkaErrorCode::MessageTimedOut));
+    }
+
+    #[test]
+    fn client_latency_is_the_slowest_brokers_and_an_idle_window_changes_nothing() {
+        let gauges = prometheus::GaugeVec::new(
+            prometheus::Opts::new("t", "t"),
+            &["client", "measure", "quantile"],
+        )
+        .unwrap();
+        let broker = |rtt: Option<(i64, i64, i64)>, queue: Option<(i64, i64, i64)>| Broker {
+            rtt: rtt.map(|(cnt, p50, p99)| Window {
+                cnt,
+                p50,
+                p99,
+                ..Window::default()
+            }),
+            int_latency: queue.map(|(cnt, p50, p99)| Window {
+                cnt,
+                p50,
+                p99,
+                ..Window::default()
+            }),
+            ..Broker::default()
+        };
+        let mut stats = Statistics::default();
+        stats.brokers.insert(
+            "a".into(),
+            broker(Some((10, 2_000, 90_000)), Some((5, 300, 700))),
+        );
+        stats
+            .brokers
+            .insert("b".into(), broker(Some((4, 5_000, 40_000)), None));
+        // A broker with no request in the window says nothing.
+        stats
+            .brokers
+            .insert("c".into(), broker(Some((0, 900_000, 900_000)), None));
+        report_client_latency(&gauges, "producer", &stats);
+        let get = |c: &str, m: &str, q: &str| gauges.with_label_values(&[c, m, q]).get();
+        assert_eq!(get("producer", "rtt", "0.5"), 0.005);
+        assert_eq!(get("producer", "rtt", "0.99"), 0.09);
+        assert_eq!(get("producer", "queue", "0.99"), 0.0007);
+        // A consumer has no producer queue.
+        report_client_latency(&gauges, "consumer", &stats);
+        assert_eq!(get("consumer", "rtt", "0.99"), 0.09);
+        assert_eq!(get("consumer", "queue", "0.5"), 0.0);
+        let idle = Statistics::default();
+        report_client_latency(&gauges, "producer", &idle);
+        assert_eq!(get("producer", "rtt", "0.99"), 0.09);
     }
 }

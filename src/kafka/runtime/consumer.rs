@@ -108,6 +108,11 @@ pub(super) struct Ctx {
 
 impl ClientContext for Ctx {
     fn stats(&self, stats: Statistics) {
+        super::super::producer::report_client_latency(
+            &self.metrics.client_latency,
+            "consumer",
+            &stats,
+        );
         let mut high = self.high.lock().expect("not poisoned");
         for (name, topic) in stats.topics {
             for (p, part) in topic.partitions {
@@ -345,7 +350,10 @@ fn run_member(
         );
         info!(transactional_id = %id, "exactly_once: transactional producer");
     }
-    let mut delivery = Delivery::tracking(metrics.latency.clone());
+    // Statistics once a second: the producer's round trip and queue time (see
+    // `waymark_client_latency_seconds`).
+    pc.set("statistics.interval.ms", "1000");
+    let mut delivery = Delivery::tracking(metrics.latency.clone(), metrics.client_latency.clone());
     // exactly_once: the transaction judges the deliveries; nobody reads the reports.
     delivery.track = !eos;
     let producer: BaseProducer<Delivery> = pc
