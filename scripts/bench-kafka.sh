@@ -27,13 +27,18 @@ rm -rf "$dir/state"
 bpid=$(broker_pid)
 broker_cpu0=$(cpu_seconds "$bpid")
 t0=$(date +%s.%N)
+# BENCH_FETCH_WAIT_MS: waymark's consumer fetch.wait.max.ms (default 100). tansu holds every fetch
+# that long even when records are there (Apache Kafka answers as soon as one is), so on tansu it
+# is the floor of the latency: see BENCHMARKS.md.
+if [ -n "${BENCH_FETCH_WAIT_MS:-}" ]; then export WAYMARK_KAFKA_CONSUMER_PROPERTIES_FETCH_WAIT_MAX_MS=$BENCH_FETCH_WAIT_MS; fi
 /usr/bin/time -v "$bin" run --brokers "$brokers" --group-id "bench-$suffix" --journeys-dir "$dir/journeys" \
   --state-dir "$dir/state" --metrics-addr "127.0.0.1:$port" > "$dir/run.log" 2> "$dir/time.txt" &
 pid=$!
+unset WAYMARK_KAFKA_CONSUMER_PROPERTIES_FETCH_WAIT_MAX_MS
 consumed=0
 while [ "$consumed" -lt "$count" ]; do
   sleep 0.5
-  consumed=$(curl -s "127.0.0.1:$port/metrics" | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
+  consumed=$({ curl -s "127.0.0.1:$port/metrics" || true; } | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
   kill -0 $pid 2>/dev/null || { echo "waymark exited early"; tail "$dir/time.txt"; exit 1; }
 done
 t1=$(date +%s.%N)
@@ -55,11 +60,15 @@ echo "latency phase: $extra events at $half events/s..."
 # The clients' own round trips meanwhile (waymark_client_latency_seconds, sampled each second).
 ( while true; do curl -s "127.0.0.1:$port/metrics" | grep '^waymark_client_latency_seconds'; sleep 1; done ) > "$dir/client-latency.txt" 2>/dev/null &
 sampler=$!
-"$bin" produce --brokers "$brokers" --topic "$topic" --rate "$half" --limit "$extra" "$dir/events.jsonl"
+# Live events are stamped now (--retime; BENCH_LATENCY_RETIME=0 keeps the load's old stamps, which
+# makes every delay and timeout they start due at once: a backlog's timer bursts, not live traffic).
+retime=--retime
+[ "${BENCH_LATENCY_RETIME:-1}" = 0 ] && retime=
+"$bin" produce --brokers "$brokers" --topic "$topic" --rate "$half" --limit "$extra" $retime "$dir/events.jsonl"
 target=$(( count + extra ))
 while [ "$consumed" -lt "$target" ]; do
   sleep 0.5
-  consumed=$(curl -s "127.0.0.1:$port/metrics" | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
+  consumed=$({ curl -s "127.0.0.1:$port/metrics" || true; } | awk -v t="$topic" '$1 ~ "^waymark_events_consumed_total" && index($1, "topic=\"" t "\"") {s += $2} END {printf "%d", s}')
 done
 sleep 1
 kill $sampler 2>/dev/null || true

@@ -74,6 +74,8 @@ pub struct Delivery {
     pub(super) client_latency: Option<prometheus::GaugeVec>,
     /// Offset of each acknowledged changelog marker, by (generation tag, partition).
     pub(super) markers: Mutex<HashMap<(u64, i32), i64>>,
+    /// Delivery reports served so far (see [`serve_reports`]).
+    served: AtomicU64,
     /// Whether to keep each record's outcome in `reports`.
     pub(super) track: bool,
     /// (generation tag, delivered) of each record reported since the last [`Delivery::take_reports`].
@@ -176,6 +178,26 @@ impl ClientContext for Delivery {
     }
 }
 
+/// How many events one [`serve_reports`] serves at most after the first (each holds the reports
+/// of one produce batch), so that a flood of reports cannot keep the loop from its inputs.
+const MAX_EVENTS_PER_SERVE: usize = 4096;
+
+/// Serves the delivery reports waiting, after waiting up to `wait` for events. One `poll` with
+/// no wait serves one event, the reports of one produce batch (one partition's): a loop that
+/// polled once per turn would fall behind a producer writing to dozens of partitions, and every
+/// report served late delays the latency it measures and the batch it acknowledges.
+pub fn serve_reports(producer: &BaseProducer<Delivery>, wait: Duration) {
+    producer.poll(wait);
+    let served = &producer.context().served;
+    for _ in 0..MAX_EVENTS_PER_SERVE {
+        let before = served.load(Ordering::Relaxed);
+        producer.poll(Duration::ZERO);
+        if served.load(Ordering::Relaxed) == before {
+            break;
+        }
+    }
+}
+
 /// Sets `waymark_client_latency_seconds` from a client's statistics: for each percentile, the
 /// slowest broker's request round trip over the last window and, for a producer, the time its
 /// records waited in the queue before they were sent. Brokers with no request in the window are
@@ -223,6 +245,7 @@ impl ProducerContext for Delivery {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let opaque = Opaque(opaque);
         let ok = result.is_ok();
+        self.served.fetch_add(1, Ordering::Relaxed);
         match result {
             Err((e, msg)) => {
                 self.failed.fetch_add(1, Ordering::SeqCst);

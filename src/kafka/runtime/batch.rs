@@ -81,7 +81,7 @@ impl Core {
         consumer: &BaseConsumer<Ctx>,
         wait: Duration,
     ) -> anyhow::Result<()> {
-        self.producer.poll(wait);
+        serve_reports(&self.producer, wait);
         self.producer.context().take_reports(&mut self.reports);
         {
             let pipeline = self.pipeline.get_mut();

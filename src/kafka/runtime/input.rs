@@ -484,7 +484,7 @@ impl Core {
         out.clear();
         self.out = out;
         if self.batch_inputs % 64 == 0 {
-            self.producer.poll(Duration::ZERO);
+            serve_reports(&self.producer, Duration::ZERO);
         }
     }
 }

@@ -49,7 +49,7 @@ use super::commit::{self, Action, Gen, Pipeline};
 use super::failpoint::{failpoint, Failpoint};
 use super::lifecycle::{self, Lifecycle, Reclaim, Written};
 pub use super::producer::Delivery;
-use super::producer::{Opaque, Out};
+use super::producer::{serve_reports, Opaque, Out};
 use super::restore::{Restored, Restorer};
 use super::{changelog, owner_of, producer_config, router};
 use crate::config::{Config, Guarantee};
