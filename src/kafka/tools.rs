@@ -35,6 +35,15 @@ pub fn produce(
     let producer: BaseProducer<Delivery> = producer_config(brokers)
         .create_with_context(Delivery::default())
         .context("creating a producer")?;
+    // Paced sends stand for live traffic: the first records are not stamped while the client is
+    // still connecting (metadata, the idempotent producer's id), or their latency would hold
+    // the client's start-up.
+    if rate.is_some() {
+        let _ = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10));
+        producer.poll(Duration::from_millis(200));
+    }
     let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
