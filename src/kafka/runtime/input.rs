@@ -48,6 +48,16 @@ impl Core {
         }
     }
 
+    /// The decoded record, or `None` once a record that does not decode went to the dead-letter
+    /// topic with its reason.
+    pub(super) fn or_dead_letter<T>(
+        &self,
+        m: &BorrowedMessage<'_>,
+        decoded: Result<T, EventError>,
+    ) -> Option<T> {
+        decoded.map_err(|e| self.dead_letter(m, &e)).ok()
+    }
+
     pub(super) fn dead_letter(&self, m: &BorrowedMessage<'_>, err: &EventError) {
         let reason = err.reason();
         self.metrics.dead_letters.with_label_values(&[reason]).inc();
@@ -143,12 +153,9 @@ impl Core {
         record_time: Option<Millis>,
     ) -> anyhow::Result<()> {
         let payload = m.payload().unwrap_or(&[]);
-        let raw = match RawEvent::decode(payload, self.cfg.processing.max_event_bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                self.dead_letter(m, &e);
-                return Ok(());
-            }
+        let decoded = RawEvent::decode(payload, self.cfg.processing.max_event_bytes);
+        let Some(raw) = self.or_dead_letter(m, decoded) else {
+            return Ok(());
         };
         let owner = owner_of(raw.user_id(), self.partitions);
         if owner != p {
@@ -187,12 +194,9 @@ impl Core {
         record_time: Option<Millis>,
     ) -> anyhow::Result<()> {
         let payload = m.payload().unwrap_or(&[]);
-        let record = match crate::profile::decode(payload, self.cfg.processing.max_event_bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                self.dead_letter(m, &e);
-                return Ok(());
-            }
+        let decoded = crate::profile::decode(payload, self.cfg.processing.max_event_bytes);
+        let Some(record) = self.or_dead_letter(m, decoded) else {
+            return Ok(());
         };
         let owner = owner_of(record.user_id(), self.partitions);
         if owner != p {
@@ -332,12 +336,8 @@ impl Core {
         let t = routed.record_time.or(record_time);
         match routed.kind {
             Some(Ok(router::Kind::Event)) => {
-                let raw = match RawEvent::decode(payload, 0) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.dead_letter(m, &e);
-                        return Ok(());
-                    }
+                let Some(raw) = self.or_dead_letter(m, RawEvent::decode(payload, 0)) else {
+                    return Ok(());
                 };
                 let default_id = routed
                     .event_id
@@ -345,12 +345,9 @@ impl Core {
                 self.process_raw(m, raw, p, t, default_id)
             }
             Some(Ok(router::Kind::Profile)) => {
-                let record = match crate::profile::decode(payload, 0) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.dead_letter(m, &e);
-                        return Ok(());
-                    }
+                let Some(record) = self.or_dead_letter(m, crate::profile::decode(payload, 0))
+                else {
+                    return Ok(());
                 };
                 self.process_profile(m, &record, p, t)
             }
